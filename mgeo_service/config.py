@@ -1,0 +1,145 @@
+"""Every ``MGEO_*`` setting: read from the environment and validated in one place.
+
+A bad value raises ``ConfigError`` naming the variable, and start-up stops.
+"""
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass, fields
+from typing import Callable, Mapping
+
+
+class ConfigError(ValueError):
+    """A setting has a value that cannot be used."""
+
+
+def _integer(low: int, high: int | None = None) -> Callable[[str], int]:
+    def parse(text: str) -> int:
+        value = int(text)
+        if value < low or (high is not None and value > high):
+            raise ValueError(f"must be between {low} and {high}" if high is not None else f"must be >= {low}")
+        return value
+    return parse
+
+
+def _number(low: float) -> Callable[[str], float]:
+    def parse(text: str) -> float:
+        value = float(text)
+        if not value >= low:
+            raise ValueError(f"must be >= {low}")
+        return value
+    return parse
+
+
+def _boolean(text: str) -> bool:
+    lowered = text.strip().lower()
+    if lowered in ("1", "true", "yes", "on"):
+        return True
+    if lowered in ("0", "false", "no", "off"):
+        return False
+    raise ValueError("must be 1/0, true/false, yes/no or on/off")
+
+
+def _choice(*options: str) -> Callable[[str], str]:
+    def parse(text: str) -> str:
+        if text.lower() not in options:
+            raise ValueError(f"must be one of {', '.join(options)}")
+        return text.lower()
+    return parse
+
+
+def _device(text: str) -> str:
+    if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", text):
+        raise ValueError("must be auto, cpu, cuda or cuda:N")
+    return text
+
+
+def _bind(text: str) -> str:
+    host, sep, port = text.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ValueError("must be HOST:PORT, e.g. 0.0.0.0:5000")
+    return text
+
+
+def _text(text: str) -> str:
+    return text
+
+
+def _setting(default: str, parse: Callable[[str], object], doc: str):
+    return {"default": default, "parse": parse, "doc": doc}
+
+
+# name -> default (as the environment would spell it), parser, what it is for.
+# The README's settings table is this dictionary.
+SETTINGS = {
+    "MGEO_MODEL_DIR": _setting("", _text, "model directory (HF or ModelScope layout); empty: the shipped default model"),
+    "MGEO_DEVICE": _setting("auto", _device, "auto (CUDA when available), cpu, cuda or cuda:N"),
+    "MGEO_FP16": _setting("0", _boolean, "run the model in float16 (CUDA only)"),
+    "MGEO_MAX_LENGTH": _setting("128", _integer(8, 512), "tokens per pair; longer pairs are truncated"),
+    "MGEO_TORCH_THREADS": _setting("0", _integer(0), "CPU threads per worker for torch; 0: CPU cores / workers"),
+    "MGEO_BIND": _setting("0.0.0.0:5000", _bind, "address of the HTTP API"),
+    "MGEO_WORKERS": _setting("2", _integer(1, 64), "Gunicorn worker processes"),
+    "MGEO_THREADS": _setting("4", _integer(1, 256), "threads per worker (gthread)"),
+    "MGEO_GRACEFUL_TIMEOUT": _setting("30", _integer(1), "seconds in-flight requests get on SIGTERM/SIGHUP"),
+    "MGEO_MAX_REQUESTS": _setting("0", _integer(0), "restart a worker after this many requests; 0: never"),
+    "MGEO_METRICS": _setting("1", _boolean, "instrument requests (0 turns the request metrics off)"),
+    "MGEO_METRICS_PORT": _setting("8000", _integer(1, 65535), "port of the metrics sidecar"),
+    "MGEO_METRICS_BIND": _setting("0.0.0.0", _text, "address of the metrics sidecar"),
+    "MGEO_GPU_POLL_SECONDS": _setting("5", _number(0.1), "NVML poll interval"),
+    "MGEO_MAX_PAIRS": _setting("64", _integer(1, 10000), "most pairs in one /predict request"),
+    "MGEO_MAX_BODY_BYTES": _setting("65536", _integer(64), "largest /predict body"),
+    "MGEO_MAX_ADDRESS_CHARS": _setting("1000", _integer(1), "longest address accepted (before tokenising)"),
+    "MGEO_BATCH_MAX_PAIRS": _setting("32", _integer(1, 4096), "most pairs in one coalesced forward"),
+    "MGEO_BATCH_WAIT_MS": _setting("2", _number(0), "how long a forward waits for more requests to join"),
+    "MGEO_READY_MIN_GPU_FREE_MB": _setting("1024", _integer(0), "free GPU memory readiness needs (CUDA only)"),
+    "MGEO_READY_CACHE_SECONDS": _setting("10", _number(0), "how long a readiness result is reused"),
+    "MGEO_API_TOKEN": _setting("", _text, "bearer token /predict requires; empty: no token"),
+    "MGEO_LOG_LEVEL": _setting("info", _choice("debug", "info", "warning", "error"), "log level"),
+}
+
+
+@dataclass(frozen=True)
+class Settings:
+    model_dir: str
+    device: str
+    fp16: bool
+    max_length: int
+    torch_threads: int
+    bind: str
+    workers: int
+    threads: int
+    graceful_timeout: int
+    max_requests: int
+    metrics: bool
+    metrics_port: int
+    metrics_bind: str
+    gpu_poll_seconds: float
+    max_pairs: int
+    max_body_bytes: int
+    max_address_chars: int
+    batch_max_pairs: int
+    batch_wait_ms: float
+    ready_min_gpu_free_mb: int
+    ready_cache_seconds: float
+    api_token: str
+    log_level: str
+
+    @property
+    def worker_torch_threads(self) -> int:
+        """Threads for each worker's torch: the CPU cores shared out among the workers."""
+        return self.torch_threads or max(1, (os.cpu_count() or 1) // self.workers)
+
+
+def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
+    environ = os.environ if environ is None else environ
+    values = {}
+    for field in fields(Settings):
+        name = "MGEO_" + field.name.upper()
+        spec = SETTINGS[name]
+        text = environ.get(name, spec["default"]).strip()
+        try:
+            values[field.name] = spec["parse"](text)
+        except ValueError as exc:
+            raise ConfigError(f"{name}={text!r}: {exc}") from None
+    return Settings(**values)

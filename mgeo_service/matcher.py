@@ -1,0 +1,148 @@
+"""The address matcher: a BERT cross-encoder that scores pairs of addresses.
+
+It knows nothing of HTTP. ``Matcher.predict`` takes address pairs and gives,
+per pair, the argmax label, the probability of each label, and
+
+    similarity = P(exact_match) + 0.5 * P(partial_match)
+
+a graded score in [0, 1] for ranking candidates: 1 for a sure exact match,
+0.5 for a sure partial match, 0 for a sure mismatch.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import time
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+from transformers import BertForSequenceClassification
+
+from .checkpoint import LABELS, Checkpoint, CheckpointError, load_checkpoint
+
+log = logging.getLogger(__name__)
+
+DEFAULT_MODEL_DIR = os.path.join(os.path.dirname(__file__), "models", "default")
+DEFAULT_MAX_LENGTH = 128
+
+
+@dataclass(frozen=True)
+class Prediction:
+    label: str
+    similarity: float
+    scores: dict[str, float]
+
+    def as_dict(self) -> dict:
+        return {"label": self.label, "similarity": self.similarity, "scores": self.scores}
+
+
+def resolve_device(device: str) -> torch.device:
+    """``auto`` is CUDA when available; ``cuda``/``cuda:N`` must exist."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    resolved = torch.device(device)
+    if resolved.type == "cuda":
+        if not torch.cuda.is_available():
+            raise CheckpointError(f"device {device!r} asked for, but CUDA is not available")
+        if resolved.index is not None and resolved.index >= torch.cuda.device_count():
+            raise CheckpointError(f"device {device!r} does not exist")
+    return resolved
+
+
+def build_model(checkpoint: Checkpoint) -> BertForSequenceClassification:
+    """The model with every weight from the checkpoint; refuses a checkpoint that lacks any."""
+    model = BertForSequenceClassification(checkpoint.config)
+    expected = set(model.state_dict())
+    missing = sorted(expected - set(checkpoint.state_dict))
+    if missing:
+        # transformers would initialise these at random and serve nonsense.
+        shown = ", ".join(missing[:20]) + (f" and {len(missing) - 20} more" if len(missing) > 20 else "")
+        raise CheckpointError(f"checkpoint lacks {len(missing)} weight(s) the model needs: {shown}")
+    unexpected = sorted(set(checkpoint.state_dict) - expected)
+    if unexpected:
+        log.warning("ignoring %d checkpoint weight(s) the model does not use, e.g. %s",
+                    len(unexpected), unexpected[0])
+    try:
+        model.load_state_dict({k: checkpoint.state_dict[k] for k in expected})
+    except RuntimeError as exc:  # shape mismatch between config and weights
+        raise CheckpointError(f"checkpoint does not fit its config: {exc}") from exc
+    return model.eval()
+
+
+class Matcher:
+    """Loads a model directory once and scores batches of address pairs."""
+
+    def __init__(self, model_dir: str | None = None, device: str = "auto",
+                 max_length: int = DEFAULT_MAX_LENGTH, batch_size: int = 64,
+                 threads: int | None = None, fp16: bool = False):
+        started = time.perf_counter()
+        self.model_dir = model_dir or DEFAULT_MODEL_DIR
+        if threads:
+            torch.set_num_threads(threads)
+        self.device = resolve_device(device)
+        checkpoint = load_checkpoint(self.model_dir)
+        self.tokenizer = checkpoint.tokenizer
+        self.labels = checkpoint.labels
+        self.layout = checkpoint.layout
+        self.name = checkpoint.name
+        self.version = checkpoint.version
+        self.max_length = max_length
+        self.batch_size = batch_size
+        model = build_model(checkpoint)
+        if fp16 and self.device.type == "cuda":
+            model = model.half()
+        self.model = model.to(self.device)
+        self._pad_id = self.tokenizer.pad_token_id or 0
+        self.load_seconds = time.perf_counter() - started
+        log.info("model %s@%s (%s layout) loaded on %s in %.2fs",
+                 self.name, self.version, self.layout, self.device, self.load_seconds)
+
+    @property
+    def model_id(self) -> str:
+        return f"{self.name}@{self.version}"
+
+    def encode(self, pairs: Sequence[tuple[str, str]]) -> list[list[int]]:
+        """Token ids per pair as [CLS] a [SEP] b [SEP]; long pairs are truncated to max_length."""
+        encoded = self.tokenizer([a for a, _ in pairs], [b for _, b in pairs], truncation="longest_first",
+                                 max_length=self.max_length, return_token_type_ids=True,
+                                 return_attention_mask=False)
+        return list(zip(encoded["input_ids"], encoded["token_type_ids"]))
+
+    def predict(self, pairs: Sequence[tuple[str, str]]) -> list[Prediction]:
+        """One prediction per pair, in input order."""
+        if not pairs:
+            return []
+        encoded = self.encode(pairs)
+        # Sorted by length, batches hold pairs of similar length and little padding.
+        order = sorted(range(len(encoded)), key=lambda i: len(encoded[i][0]))
+        probabilities: list[torch.Tensor | None] = [None] * len(encoded)
+        for start in range(0, len(order), self.batch_size):
+            chunk = order[start:start + self.batch_size]
+            batch_probs = self.forward([encoded[i] for i in chunk])
+            for i, p in zip(chunk, batch_probs):
+                probabilities[i] = p
+        return [self._prediction(p) for p in probabilities]
+
+    @torch.inference_mode()
+    def forward(self, encoded: Sequence[tuple[list[int], list[int]]]) -> torch.Tensor:
+        """Probabilities [n, labels] for already-encoded pairs: one model forward."""
+        width = max(len(ids) for ids, _ in encoded)
+        input_ids = torch.full((len(encoded), width), self._pad_id, dtype=torch.long)
+        token_types = torch.zeros((len(encoded), width), dtype=torch.long)
+        attention = torch.zeros((len(encoded), width), dtype=torch.long)
+        for row, (ids, types) in enumerate(encoded):
+            input_ids[row, :len(ids)] = torch.tensor(ids)
+            token_types[row, :len(types)] = torch.tensor(types)
+            attention[row, :len(ids)] = 1
+        logits = self.model(input_ids=input_ids.to(self.device),
+                            token_type_ids=token_types.to(self.device),
+                            attention_mask=attention.to(self.device)).logits
+        return torch.softmax(logits.float(), dim=-1).cpu()
+
+    def _prediction(self, probs: torch.Tensor) -> Prediction:
+        scores = {label: round(float(p), 6) for label, p in zip(self.labels, probs)}
+        label = self.labels[int(torch.argmax(probs))]
+        similarity = scores.get("exact_match", 0.0) + 0.5 * scores.get("partial_match", 0.0)
+        return Prediction(label=label, similarity=round(min(max(similarity, 0.0), 1.0), 6),
+                          scores={name: scores[name] for name in LABELS if name in scores})

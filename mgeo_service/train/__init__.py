@@ -1,0 +1,1 @@
+"""Training the shipped default model (needs the ``train`` extra: ``pip install .[train]``)."""
