@@ -34,7 +34,11 @@ _MODELSCOPE_DROPPED_PREFIXES = ("bert.gis_encoder.",)
 
 
 class CheckpointError(Exception):
-    """The model directory cannot be served; the message says why."""
+    """The model cannot be served; the message says why, ``reason`` is a readiness code."""
+
+    def __init__(self, message: str, reason: str = "model_load_failed"):
+        super().__init__(message)
+        self.reason = reason
 
 
 @dataclass
@@ -190,15 +194,15 @@ def tokenizer_from_vocab(vocab_path: str) -> BertTokenizer:
 def _modelscope_tokenizer(model_dir: str) -> PreTrainedTokenizerBase:
     vocab = os.path.join(model_dir, "vocab.txt")
     if not os.path.exists(vocab):
-        raise CheckpointError(f"no vocab.txt in {model_dir!r}")
+        raise CheckpointError(f"no vocab.txt in {model_dir!r}", "tokenizer_failed")
     try:
         return tokenizer_from_vocab(vocab)
     except Exception as exc:
-        raise CheckpointError(f"cannot build tokenizer from {vocab}: {exc}") from exc
+        raise CheckpointError(f"cannot build tokenizer from {vocab}: {exc}", "tokenizer_failed") from exc
 
 
 def _huggingface_tokenizer(model_dir: str) -> PreTrainedTokenizerBase:
     try:
         return AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
     except Exception as exc:
-        raise CheckpointError(f"cannot load tokenizer from {model_dir!r}: {exc}") from exc
+        raise CheckpointError(f"cannot load tokenizer from {model_dir!r}: {exc}", "tokenizer_failed") from exc

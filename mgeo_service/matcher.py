@@ -44,9 +44,9 @@ def resolve_device(device: str) -> torch.device:
     resolved = torch.device(device)
     if resolved.type == "cuda":
         if not torch.cuda.is_available():
-            raise CheckpointError(f"device {device!r} asked for, but CUDA is not available")
+            raise CheckpointError(f"device {device!r} asked for, but CUDA is not available", "cuda_unavailable")
         if resolved.index is not None and resolved.index >= torch.cuda.device_count():
-            raise CheckpointError(f"device {device!r} does not exist")
+            raise CheckpointError(f"device {device!r} does not exist", "cuda_unavailable")
     return resolved
 
 
@@ -68,6 +68,12 @@ def build_model(checkpoint: Checkpoint) -> BertForSequenceClassification:
     except RuntimeError as exc:  # shape mismatch between config and weights
         raise CheckpointError(f"checkpoint does not fit its config: {exc}") from exc
     return model.eval()
+
+
+def length_sorted_chunks(encoded: Sequence[tuple[list[int], list[int]]], size: int) -> list[list[int]]:
+    """Indices of ``encoded`` in chunks of at most ``size``, shortest first: little padding per forward."""
+    order = sorted(range(len(encoded)), key=lambda i: len(encoded[i][0]))
+    return [order[start:start + size] for start in range(0, len(order), size)]
 
 
 class Matcher:
@@ -111,18 +117,12 @@ class Matcher:
 
     def predict(self, pairs: Sequence[tuple[str, str]]) -> list[Prediction]:
         """One prediction per pair, in input order."""
-        if not pairs:
-            return []
         encoded = self.encode(pairs)
-        # Sorted by length, batches hold pairs of similar length and little padding.
-        order = sorted(range(len(encoded)), key=lambda i: len(encoded[i][0]))
         probabilities: list[torch.Tensor | None] = [None] * len(encoded)
-        for start in range(0, len(order), self.batch_size):
-            chunk = order[start:start + self.batch_size]
-            batch_probs = self.forward([encoded[i] for i in chunk])
-            for i, p in zip(chunk, batch_probs):
+        for chunk in length_sorted_chunks(encoded, self.batch_size):
+            for i, p in zip(chunk, self.forward([encoded[i] for i in chunk])):
                 probabilities[i] = p
-        return [self._prediction(p) for p in probabilities]
+        return [self.prediction(p) for p in probabilities]
 
     @torch.inference_mode()
     def forward(self, encoded: Sequence[tuple[list[int], list[int]]]) -> torch.Tensor:
@@ -140,7 +140,8 @@ class Matcher:
                             attention_mask=attention.to(self.device)).logits
         return torch.softmax(logits.float(), dim=-1).cpu()
 
-    def _prediction(self, probs: torch.Tensor) -> Prediction:
+    def prediction(self, probs: torch.Tensor) -> Prediction:
+        """The label, scores and similarity of one row of ``forward``'s probabilities."""
         scores = {label: round(float(p), 6) for label, p in zip(self.labels, probs)}
         label = self.labels[int(torch.argmax(probs))]
         similarity = scores.get("exact_match", 0.0) + 0.5 * scores.get("partial_match", 0.0)

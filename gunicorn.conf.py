@@ -1,0 +1,59 @@
+"""Gunicorn settings for mgeo-service (``mgeo-service serve`` runs Gunicorn with this file).
+
+Every value comes from the MGEO_* settings, validated by mgeo_service.config:
+a bad value stops start-up here with a message naming the variable.
+"""
+import os
+import sys
+
+from prometheus_client import multiprocess
+
+from mgeo_service.config import ConfigError, load_settings
+from mgeo_service.server import SidecarSupervisor, prepare_multiproc_dir
+
+try:
+    _settings = load_settings()
+except ConfigError as exc:
+    sys.exit(f"mgeo-service: {exc}")
+
+bind = [_settings.bind]
+workers = _settings.workers
+# gthread: health probes get their own thread while other threads wait on the model.
+worker_class = "gthread"
+threads = _settings.threads
+graceful_timeout = _settings.graceful_timeout
+# Workers restart after max_requests (0: never); jitter keeps them from restarting together.
+max_requests = _settings.max_requests
+max_requests_jitter = _settings.max_requests // 10
+# No preloading: torch and the model are loaded in each worker after the fork,
+# so the master never touches torch, CUDA or NVML.
+preload_app = False
+loglevel = _settings.log_level
+# The app writes its own JSON access log without addresses.
+accesslog = None
+# The control socket has one default path per user: several instances on a host would fight over it.
+control_socket_disable = True
+
+
+def on_starting(server):
+    # Stale files from an earlier run would add their counts to this one.
+    path = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
+    if not path:
+        sys.exit("mgeo-service: PROMETHEUS_MULTIPROC_DIR is not set; start with `mgeo-service serve`")
+    prepare_multiproc_dir(path)
+
+
+def when_ready(server):
+    # The sidecar serves :8000 for all workers; the master keeps it alive.
+    if not hasattr(server, "mgeo_sidecar"):
+        server.mgeo_sidecar = SidecarSupervisor().start()
+
+
+def child_exit(server, worker):
+    # A dead worker's live gauges (in progress, model ready) must stop counting.
+    multiprocess.mark_process_dead(worker.pid)
+
+
+def on_exit(server):
+    if hasattr(server, "mgeo_sidecar"):
+        server.mgeo_sidecar.stop()

@@ -1,0 +1,257 @@
+"""The HTTP API: ``create_app`` builds one Flask app per Gunicorn worker.
+
+A request flows: authenticate -> read and validate the JSON -> tokenise ->
+micro-batcher -> matcher forward -> JSON. Every step that can go wrong answers
+with ``{"error": {"code", "message"}}`` and a 4xx (or 503 while the model is not
+ready); addresses are never logged and never echoed back.
+"""
+from __future__ import annotations
+
+import hmac
+import json
+import logging
+import os
+import re
+import sys
+import threading
+import time
+import uuid
+
+from flask import Flask, Response, g, request
+from werkzeug.exceptions import HTTPException
+
+from . import metrics
+from .batcher import InferenceError, MicroBatcher
+from .config import Settings, load_settings
+from .loader import READY, ModelLoader
+from .readiness import Readiness
+
+log = logging.getLogger(__name__)
+access_log = logging.getLogger("mgeo_service.access")
+
+ADDRESS_FIELDS = ("address1", "address2")
+_REQUEST_ID = re.compile(r"[A-Za-z0-9._:\-]{1,128}")
+_HTTP_CODES = {400: "bad_request", 404: "not_found", 405: "method_not_allowed",
+               413: "payload_too_large", 415: "unsupported_media_type"}
+
+
+class ApiError(Exception):
+    def __init__(self, status: int, code: str, message: str, headers: dict | None = None):
+        super().__init__(message)
+        self.status, self.code, self.message, self.headers = status, code, message, headers or {}
+
+
+def error_response(status: int, code: str, message: str, headers: dict | None = None) -> Response:
+    body = json.dumps({"error": {"code": code, "message": message}})
+    return Response(body, status=status, mimetype="application/json", headers=headers)
+
+
+def json_response(payload: dict, status: int = 200) -> Response:
+    return Response(json.dumps(payload, ensure_ascii=False), status=status, mimetype="application/json")
+
+
+def _reject_constant(name: str):
+    raise ValueError(f"{name} is not valid JSON")
+
+
+def read_json_body(max_bytes: int):
+    """The request's JSON document; 415, 413 or 400 when it is not one."""
+    mimetype = request.mimetype
+    if mimetype != "application/json" and not (mimetype.startswith("application/") and mimetype.endswith("+json")):
+        raise ApiError(415, "unsupported_media_type", "Content-Type must be application/json")
+    if request.content_length is not None and request.content_length > max_bytes:
+        raise ApiError(413, "payload_too_large", f"body is larger than {max_bytes} bytes")
+    body = request.get_data(cache=False)
+    if len(body) > max_bytes:
+        raise ApiError(413, "payload_too_large", f"body is larger than {max_bytes} bytes")
+    try:
+        return json.loads(body.decode("utf-8"), parse_constant=_reject_constant)
+    except UnicodeDecodeError:
+        raise ApiError(400, "invalid_json", "body is not valid UTF-8") from None
+    except (ValueError, RecursionError):
+        raise ApiError(400, "invalid_json", "body is not valid JSON") from None
+
+
+def _address(item: dict, name: str, where: str, max_chars: int) -> str:
+    if name not in item:
+        raise ApiError(400, "missing_field", f"{where}{name} is missing")
+    value = item[name]
+    if not isinstance(value, str):
+        raise ApiError(400, "invalid_address", f"{where}{name} must be a string")
+    if not value.strip():
+        raise ApiError(400, "invalid_address", f"{where}{name} must not be empty")
+    if len(value) > max_chars:
+        raise ApiError(400, "address_too_long", f"{where}{name} is longer than {max_chars} characters")
+    return value
+
+
+def _pair(item, where: str, max_chars: int) -> tuple[str, str]:
+    if not isinstance(item, dict):
+        raise ApiError(400, "invalid_request", f"{where or 'body'} must be a JSON object")
+    unknown = sorted(set(item) - set(ADDRESS_FIELDS))
+    if unknown:
+        raise ApiError(400, "invalid_request", f"unknown field(s) in {where or 'body'}: {', '.join(unknown)[:200]}")
+    return tuple(_address(item, name, where and where + ".", max_chars) for name in ADDRESS_FIELDS)
+
+
+def parse_predict_body(data, max_pairs: int, max_chars: int) -> tuple[list[tuple[str, str]], bool]:
+    """The pairs asked for, and whether the body was the batch form."""
+    if isinstance(data, dict) and "pairs" in data:
+        if set(data) != {"pairs"}:
+            raise ApiError(400, "invalid_request", "a batch body has only the field 'pairs'")
+        pairs = data["pairs"]
+        if not isinstance(pairs, list) or not pairs:
+            raise ApiError(400, "invalid_request", "'pairs' must be a non-empty array")
+        if len(pairs) > max_pairs:
+            raise ApiError(400, "too_many_pairs", f"at most {max_pairs} pairs per request, got {len(pairs)}")
+        return [_pair(item, f"pairs[{i}]", max_chars) for i, item in enumerate(pairs)], True
+    if not isinstance(data, dict):
+        raise ApiError(400, "invalid_request", "body must be a JSON object with address1 and address2, or pairs")
+    return [_pair(data, "", max_chars)], False
+
+
+def _configure_logging(level: str) -> None:
+    logging.basicConfig(level=level.upper(), stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s [%(process)d] %(name)s: %(message)s")
+    if not access_log.handlers:  # access lines are JSON documents, one per line
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        access_log.addHandler(handler)
+        access_log.propagate = False
+        access_log.setLevel(logging.INFO)
+
+
+def default_loader(settings: Settings) -> ModelLoader:
+    def load():
+        from .matcher import Matcher
+        return Matcher(settings.model_dir or None, device=settings.device, max_length=settings.max_length,
+                       batch_size=settings.batch_max_pairs, threads=settings.worker_torch_threads,
+                       fp16=settings.fp16)
+    return ModelLoader(load)
+
+
+def create_app(settings: Settings | None = None, loader: ModelLoader | None = None) -> Flask:
+    settings = settings or load_settings()
+    _configure_logging(settings.log_level)
+    loader = loader or default_loader(settings)
+    readiness = Readiness(loader, settings.ready_min_gpu_free_mb, settings.ready_cache_seconds)
+    instrument = settings.metrics
+    started = time.time()
+    runtime: dict = {"batcher": None}  # the micro-batcher, once the model is loaded
+
+    app = Flask(__name__)
+    app.config["MAX_CONTENT_LENGTH"] = settings.max_body_bytes
+    app.json.ensure_ascii = False
+    metrics.WORKER_STARTS.inc()
+
+    def on_loaded():
+        loader.wait()
+        if loader.state == READY:
+            matcher = loader.matcher
+            metrics.MODEL_INFO.labels(matcher.name, matcher.version, str(matcher.device)).set(1)
+            runtime["batcher"] = MicroBatcher(matcher.forward, settings.batch_max_pairs,
+                                              settings.batch_wait_ms / 1000, instrument)
+        readiness.current()  # publish mgeo_model_ready without waiting for a probe
+
+    loader.start()
+    threading.Thread(target=on_loaded, name="model-ready", daemon=True).start()
+    app.extensions["mgeo"] = {"loader": loader, "readiness": readiness, "settings": settings}
+
+    @app.before_request
+    def start_request():
+        g.started = time.perf_counter()
+        incoming = request.headers.get("X-Request-ID", "")
+        g.request_id = incoming if _REQUEST_ID.fullmatch(incoming) else uuid.uuid4().hex
+        g.endpoint = request.url_rule.rule if request.url_rule is not None else "unmatched"
+        if instrument:
+            metrics.REQUESTS_IN_PROGRESS.labels(request.method, g.endpoint).inc()
+            g.counted_in_progress = True
+
+    @app.after_request
+    def finish_request(response: Response) -> Response:
+        duration = time.perf_counter() - g.get("started", time.perf_counter())
+        endpoint = g.get("endpoint", "unmatched")
+        response.headers["X-Request-ID"] = g.get("request_id") or uuid.uuid4().hex
+        if instrument:
+            metrics.REQUESTS.labels(request.method, endpoint, str(response.status_code)).inc()
+            metrics.REQUEST_DURATION.labels(request.method, endpoint).observe(duration)
+        access_log.info(json.dumps({
+            "ts": round(time.time(), 3), "pid": os.getpid(), "method": request.method, "route": endpoint,
+            "status": response.status_code, "duration_ms": round(duration * 1000, 2),
+            "request_id": response.headers["X-Request-ID"]}))
+        return response
+
+    @app.teardown_request
+    def end_request(_exc):
+        if g.pop("counted_in_progress", False):
+            metrics.REQUESTS_IN_PROGRESS.labels(request.method, g.endpoint).dec()
+
+    @app.errorhandler(ApiError)
+    def api_error(exc: ApiError):
+        return error_response(exc.status, exc.code, exc.message, exc.headers)
+
+    @app.errorhandler(HTTPException)
+    def http_error(exc: HTTPException):
+        code = _HTTP_CODES.get(exc.code, "http_error")
+        headers = {"Allow": ", ".join(exc.valid_methods)} if getattr(exc, "valid_methods", None) else None
+        return error_response(exc.code or 500, code, exc.description or code, headers)
+
+    @app.errorhandler(Exception)
+    def unexpected_error(exc: Exception):
+        log.exception("unexpected error answering %s %s", request.method, g.get("endpoint"))
+        return error_response(500, "internal_error", "unexpected error; see the service log")
+
+    def authenticate():
+        if not settings.api_token:
+            return
+        header = request.headers.get("Authorization", "")
+        scheme, _, token = header.partition(" ")
+        if scheme.lower() != "bearer" or not token:
+            raise ApiError(401, "unauthorized", "a bearer token is required",
+                           {"WWW-Authenticate": 'Bearer realm="mgeo"'})
+        if not hmac.compare_digest(token.strip().encode(), settings.api_token.encode()):
+            raise ApiError(401, "unauthorized", "the bearer token is not valid",
+                           {"WWW-Authenticate": 'Bearer realm="mgeo", error="invalid_token"'})
+
+    @app.post("/predict")
+    def predict():
+        authenticate()
+        data = read_json_body(settings.max_body_bytes)
+        pairs, is_batch = parse_predict_body(data, settings.max_pairs, settings.max_address_chars)
+        batcher = runtime["batcher"]
+        if loader.state != READY or batcher is None:
+            raise ApiError(503, "not_ready", f"the model is not ready ({loader.reason or 'model_loading'})",
+                           {"Retry-After": "1"})
+        matcher = loader.matcher
+        try:
+            probabilities = batcher.submit(matcher.encode(pairs))
+        except InferenceError as exc:
+            raise ApiError(503, "inference_failed", f"{exc} ({exc.reason})", {"Retry-After": "1"}) from None
+        results = [matcher.prediction(row).as_dict() for row in probabilities]
+        if instrument:
+            for result in results:
+                metrics.PAIRS.labels(result["label"]).inc()
+        if is_batch:
+            return json_response({"results": results, "model": matcher.model_id})
+        return json_response({**results[0], "model": matcher.model_id})
+
+    @app.get("/health/live")
+    def live():
+        return json_response({"status": "alive", "uptime_seconds": round(time.time() - started, 3),
+                              "pid": os.getpid()})
+
+    @app.get("/health/ready")
+    def ready():
+        result = readiness.current()
+        if result.ready:
+            return json_response({"status": "ready", "checks": result.checks})
+        return json_response({"status": "not_ready", "reason": result.reason, "checks": result.checks}, 503)
+
+    @app.get("/healthz")
+    def healthz():
+        result = readiness.current()
+        if result.ready:
+            return json_response({"status": "ok"})
+        return json_response({"status": "not ready", "reason": result.reason}, 503)
+
+    return app

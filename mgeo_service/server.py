@@ -1,0 +1,84 @@
+"""``mgeo-service serve``: prepare the environment, then run Gunicorn with ``gunicorn.conf.py``.
+
+Also the pieces the Gunicorn master uses from its hooks: the multiprocess
+metrics directory and the supervisor that keeps the metrics sidecar running.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+
+from .config import Settings
+
+log = logging.getLogger(__name__)
+
+PROJECT_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+GUNICORN_CONFIG = os.path.join(PROJECT_ROOT, "gunicorn.conf.py")
+WSGI_APP = "mgeo_service.app:create_app()"
+
+
+def default_multiproc_dir(settings: Settings) -> str:
+    port = settings.bind.rpartition(":")[2]
+    return os.path.join(tempfile.gettempdir(), f"mgeo-metrics-{port}")
+
+
+def prepare_multiproc_dir(path: str) -> None:
+    """Empty the directory (stale files would resurrect old counts) and prove it is writable."""
+    try:
+        if os.path.isdir(path):
+            for entry in os.listdir(path):
+                target = os.path.join(path, entry)
+                shutil.rmtree(target) if os.path.isdir(target) else os.remove(target)
+        else:
+            os.makedirs(path)
+        probe = os.path.join(path, ".write-test")
+        with open(probe, "w") as f:
+            f.write("ok")
+        os.remove(probe)
+    except OSError as exc:
+        raise SystemExit(f"mgeo-service: PROMETHEUS_MULTIPROC_DIR={path} is not a writable directory: {exc}")
+
+
+class SidecarSupervisor:
+    """Runs ``python -m mgeo_service.sidecar`` and starts it again whenever it exits."""
+
+    RESTART_DELAY = 0.5
+
+    def __init__(self):
+        self._process: subprocess.Popen | None = None
+        self._stopping = threading.Event()
+
+    def start(self) -> "SidecarSupervisor":
+        threading.Thread(target=self._run, name="sidecar-supervisor", daemon=True).start()
+        return self
+
+    def _run(self) -> None:
+        while not self._stopping.is_set():
+            self._process = subprocess.Popen([sys.executable, "-m", "mgeo_service.sidecar"])
+            code = self._process.wait()
+            if not self._stopping.is_set():
+                log.warning("metrics sidecar exited with %s; starting it again", code)
+                self._stopping.wait(self.RESTART_DELAY)
+
+    def stop(self) -> None:
+        self._stopping.set()
+        if self._process and self._process.poll() is None:
+            self._process.terminate()
+            try:
+                self._process.wait(5)
+            except subprocess.TimeoutExpired:
+                self._process.kill()
+
+
+def serve(settings: Settings) -> int:
+    if not os.path.exists(GUNICORN_CONFIG):
+        print(f"mgeo-service serve: {GUNICORN_CONFIG} not found; run from a checkout of the project",
+              file=sys.stderr)
+        return 2
+    os.environ.setdefault("PROMETHEUS_MULTIPROC_DIR", default_multiproc_dir(settings))
+    os.execv(sys.executable, [sys.executable, "-m", "gunicorn", "--config", GUNICORN_CONFIG, WSGI_APP])

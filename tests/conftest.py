@@ -1,0 +1,153 @@
+"""Shared fixtures: free loopback ports, the shipped model, and a real `mgeo-service serve`."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+DATA = os.path.join(ROOT, "tests", "data")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def http(method: str, url: str, body=None, headers=None, timeout: float = 30.0):
+    """(status, headers, parsed JSON or text) for one request; HTTP errors are answers, not exceptions."""
+    data = body if isinstance(body, (bytes, type(None))) else json.dumps(body).encode()
+    headers = dict(headers or {})
+    if body is not None and not isinstance(body, bytes):
+        headers.setdefault("Content-Type", "application/json")
+    request = urllib.request.Request(url, data=data, method=method, headers=headers)
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as response:
+            status, got_headers, raw = response.status, response.headers, response.read()
+    except urllib.error.HTTPError as exc:
+        status, got_headers, raw = exc.code, exc.headers, exc.read()
+    text = raw.decode("utf-8")
+    try:
+        return status, got_headers, json.loads(text)
+    except ValueError:
+        return status, got_headers, text
+
+
+def parse_metrics(text: str) -> dict[tuple[str, tuple], float]:
+    """{(sample name, sorted label pairs): value} from the Prometheus text format."""
+    from prometheus_client.parser import text_string_to_metric_families
+    samples = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            samples[(sample.name, tuple(sorted(sample.labels.items())))] = sample.value
+    return samples
+
+
+class Service:
+    """A real `mgeo-service serve` (Gunicorn master, workers, metrics sidecar) on free loopback ports."""
+
+    def __init__(self, tmp_path, **env):
+        self.port, self.metrics_port = free_port(), free_port()
+        self.multiproc_dir = str(tmp_path / "multiproc")
+        self.log_path = str(tmp_path / "service.log")
+        self.env = {**os.environ, "MGEO_BIND": f"127.0.0.1:{self.port}",
+                    "MGEO_METRICS_PORT": str(self.metrics_port), "MGEO_METRICS_BIND": "127.0.0.1",
+                    "MGEO_WORKERS": "2", "MGEO_READY_CACHE_SECONDS": "0",
+                    "PROMETHEUS_MULTIPROC_DIR": self.multiproc_dir, **env}
+        self.process: subprocess.Popen | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def metrics_url(self) -> str:
+        return f"http://127.0.0.1:{self.metrics_port}/metrics"
+
+    def start(self) -> "Service":
+        self._log = open(self.log_path, "ab")
+        self.process = subprocess.Popen([sys.executable, "-m", "mgeo_service", "serve"], env=self.env,
+                                        stdout=self._log, stderr=subprocess.STDOUT, start_new_session=True)
+        return self
+
+    def log(self) -> str:
+        with open(self.log_path, encoding="utf-8", errors="replace") as f:
+            return f.read()
+
+    def wait_until(self, check, timeout: float = 60.0, what: str = "condition"):
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise AssertionError(f"service exited with {self.process.returncode}:\n{self.log()[-3000:]}")
+            try:
+                result = check()
+                if result:
+                    return result
+            except OSError:
+                pass
+            time.sleep(0.2)
+        raise AssertionError(f"timed out waiting for {what}:\n{self.log()[-3000:]}")
+
+    def wait_ready(self, timeout: float = 60.0):
+        """Ready means: every worker answers ready and the sidecar reports them all."""
+        def all_ready():
+            return self.metric("mgeo_model_ready") == int(self.env["MGEO_WORKERS"])
+        self.wait_until(lambda: http("GET", self.url + "/health/ready", timeout=5)[0] == 200, timeout, "readiness")
+        self.wait_until(all_ready, timeout, "all workers ready")
+        return self
+
+    def scrape(self) -> dict:
+        with urllib.request.urlopen(self.metrics_url, timeout=10) as response:
+            return parse_metrics(response.read().decode())
+
+    def metric(self, name: str, **labels) -> float | None:
+        return self.scrape().get((name, tuple(sorted(labels.items()))))
+
+    def children(self) -> list[int]:
+        out = subprocess.run(["ps", "-o", "pid=", "--ppid", str(self.process.pid)], capture_output=True, text=True)
+        return [int(p) for p in out.stdout.split()]
+
+    def stop(self) -> None:
+        if self.process and self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(30)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.process.pid, signal.SIGKILL)
+                self.process.wait()
+        if self.process:
+            try:  # nothing of ours may outlive the test
+                os.killpg(self.process.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        self._log.close()
+
+
+@pytest.fixture
+def service_factory(tmp_path):
+    started = []
+
+    def make(**env) -> Service:
+        service = Service(tmp_path / f"service{len(started)}", **env)
+        (tmp_path / f"service{len(started)}").mkdir()
+        started.append(service)
+        return service.start()
+
+    yield make
+    for service in started:
+        service.stop()
+
+
+@pytest.fixture(scope="session")
+def default_matcher():
+    from mgeo_service.matcher import Matcher
+    return Matcher(device="cpu")
