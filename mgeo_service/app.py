@@ -18,7 +18,7 @@ import time
 import uuid
 
 from flask import Flask, Response, g, request
-from werkzeug.exceptions import HTTPException
+from werkzeug.exceptions import HTTPException, MethodNotAllowed
 
 from . import metrics
 from .batcher import InferenceError, MicroBatcher
@@ -137,7 +137,15 @@ def create_app(settings: Settings | None = None, loader: ModelLoader | None = No
     readiness = Readiness(loader, settings.ready_min_gpu_free_mb, settings.ready_cache_seconds)
     instrument = settings.metrics
     started = time.time()
-    runtime: dict = {"batcher": None}  # the micro-batcher, once the model is loaded
+    batcher_lock = threading.Lock()
+    batchers: dict = {}  # the worker's one micro-batcher, made on first use of the loaded model
+
+    def batcher_for(matcher) -> MicroBatcher:
+        with batcher_lock:
+            if "batcher" not in batchers:
+                batchers["batcher"] = MicroBatcher(matcher.forward, settings.batch_max_pairs,
+                                                   settings.batch_wait_ms / 1000, instrument)
+            return batchers["batcher"]
 
     app = Flask(__name__)
     app.config["MAX_CONTENT_LENGTH"] = settings.max_body_bytes
@@ -149,20 +157,28 @@ def create_app(settings: Settings | None = None, loader: ModelLoader | None = No
         if loader.state == READY:
             matcher = loader.matcher
             metrics.MODEL_INFO.labels(matcher.name, matcher.version, str(matcher.device)).set(1)
-            runtime["batcher"] = MicroBatcher(matcher.forward, settings.batch_max_pairs,
-                                              settings.batch_wait_ms / 1000, instrument)
         readiness.current()  # publish mgeo_model_ready without waiting for a probe
 
     loader.start()
     threading.Thread(target=on_loaded, name="model-ready", daemon=True).start()
     app.extensions["mgeo"] = {"loader": loader, "readiness": readiness, "settings": settings}
 
+    def route_template() -> str:
+        """The matched route; a wrong method still names its route; unknown paths are all 'unmatched'."""
+        if request.url_rule is not None:
+            return request.url_rule.rule
+        if isinstance(request.routing_exception, MethodNotAllowed):
+            adapter = app.url_map.bind_to_environ(request.environ)
+            rule, _ = adapter.match(method=request.routing_exception.valid_methods[0], return_rule=True)
+            return rule.rule
+        return "unmatched"
+
     @app.before_request
     def start_request():
         g.started = time.perf_counter()
         incoming = request.headers.get("X-Request-ID", "")
         g.request_id = incoming if _REQUEST_ID.fullmatch(incoming) else uuid.uuid4().hex
-        g.endpoint = request.url_rule.rule if request.url_rule is not None else "unmatched"
+        g.endpoint = route_template()
         if instrument:
             metrics.REQUESTS_IN_PROGRESS.labels(request.method, g.endpoint).inc()
             g.counted_in_progress = True
@@ -218,13 +234,12 @@ def create_app(settings: Settings | None = None, loader: ModelLoader | None = No
         authenticate()
         data = read_json_body(settings.max_body_bytes)
         pairs, is_batch = parse_predict_body(data, settings.max_pairs, settings.max_address_chars)
-        batcher = runtime["batcher"]
-        if loader.state != READY or batcher is None:
+        if loader.state != READY:
             raise ApiError(503, "not_ready", f"the model is not ready ({loader.reason or 'model_loading'})",
                            {"Retry-After": "1"})
         matcher = loader.matcher
         try:
-            probabilities = batcher.submit(matcher.encode(pairs))
+            probabilities = batcher_for(matcher).submit(matcher.encode(pairs))
         except InferenceError as exc:
             raise ApiError(503, "inference_failed", f"{exc} ({exc.reason})", {"Retry-After": "1"}) from None
         results = [matcher.prediction(row).as_dict() for row in probabilities]

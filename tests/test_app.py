@@ -1,0 +1,164 @@
+"""The HTTP contract through Flask's test client, on the real default model."""
+import json
+
+import pytest
+
+from mgeo_service.app import create_app
+from mgeo_service.config import load_settings
+from mgeo_service.loader import ModelLoader
+
+PAIR = {"address1": "北京市海淀区中关村大街1号", "address2": "北京海淀中关村街1号"}
+LABELS = {"not_match", "partial_match", "exact_match"}
+
+
+def make_app(**env):
+    app = create_app(load_settings({"MGEO_DEVICE": "cpu", "MGEO_READY_CACHE_SECONDS": "0", **env}))
+    app.extensions["mgeo"]["loader"].wait(120)
+    return app
+
+
+@pytest.fixture(scope="module")
+def client():
+    return make_app().test_client()
+
+
+def post(client, body, **kwargs):
+    data = body if isinstance(body, (bytes, str)) else json.dumps(body)
+    kwargs.setdefault("content_type", "application/json")
+    return client.post("/predict", data=data, **kwargs)
+
+
+def assert_error(response, status, code):
+    assert response.status_code == status, response.get_data(as_text=True)
+    assert response.mimetype == "application/json"
+    body = response.get_json()
+    assert body["error"]["code"] == code
+    assert isinstance(body["error"]["message"], str) and body["error"]["message"]
+    return body
+
+
+def test_single_pair(client):
+    response = post(client, PAIR)
+    assert response.status_code == 200
+    body = response.get_json()
+    assert set(body) == {"label", "similarity", "scores", "model"}
+    assert body["label"] in LABELS and set(body["scores"]) == LABELS
+    assert body["model"].startswith("mgeo-default@")
+
+
+def test_batch_keeps_input_order(client):
+    pairs = [PAIR, {"address1": "上海市浦东新区世纪大道100号", "address2": "广州市天河区体育西路103号"}, PAIR]
+    body = post(client, {"pairs": pairs}).get_json()
+    assert set(body) == {"results", "model"} and len(body["results"]) == 3
+    singles = [post(client, p).get_json() for p in pairs]
+    for result, single in zip(body["results"], singles):
+        assert "model" not in result
+        assert result["label"] == single["label"]
+        assert result["similarity"] == pytest.approx(single["similarity"], abs=1e-4)
+
+
+@pytest.mark.parametrize("body, code", [
+    (b"{not json", "invalid_json"),
+    (b"\xff\xfe{}", "invalid_json"),
+    (b'{"address1": NaN, "address2": "x"}', "invalid_json"),
+    (b"[1, 2]", "invalid_request"),
+    (b'"just a string"', "invalid_request"),
+    ({"address1": "北京"}, "missing_field"),
+    ({"address1": "北京", "address2": ""}, "invalid_address"),
+    ({"address1": "北京", "address2": "   "}, "invalid_address"),
+    ({"address1": "北京", "address2": 5}, "invalid_address"),
+    ({"address1": "北京", "address2": None}, "invalid_address"),
+    ({"address1": "北京", "address2": "上海", "extra": 1}, "invalid_request"),
+    ({"pairs": []}, "invalid_request"),
+    ({"pairs": "x"}, "invalid_request"),
+    ({"pairs": [PAIR], "address1": "x"}, "invalid_request"),
+    ({"pairs": [PAIR, {"address1": "北京"}]}, "missing_field"),
+    ({"pairs": [PAIR, ["a", "b"]]}, "invalid_request"),
+    ({"pairs": [PAIR] * 65}, "too_many_pairs"),
+    ({"address1": "北" * 1001, "address2": "上海"}, "address_too_long"),
+])
+def test_bad_input_is_a_400(client, body, code):
+    assert_error(post(client, body), 400, code)
+
+
+def test_error_messages_never_echo_addresses(client):
+    secret = "秘密路123号" * 200
+    body = assert_error(post(client, {"address1": secret, "address2": 7}), 400, "address_too_long")
+    assert "秘密" not in json.dumps(body, ensure_ascii=False)
+
+
+def test_body_too_large_is_a_413(client):
+    assert_error(post(client, {"address1": "北" * 70000, "address2": "x"}), 413, "payload_too_large")
+
+
+def test_wrong_content_type_is_a_415(client):
+    assert_error(post(client, json.dumps(PAIR), content_type="text/plain"), 415, "unsupported_media_type")
+    assert_error(client.post("/predict", data=json.dumps(PAIR)), 415, "unsupported_media_type")
+
+
+def test_unknown_path_and_wrong_method_are_json(client):
+    assert_error(client.get("/nope"), 404, "not_found")
+    response = client.get("/predict")
+    assert_error(response, 405, "method_not_allowed")
+    assert "POST" in response.headers["Allow"]
+    assert_error(client.post("/health/live"), 405, "method_not_allowed")
+
+
+def test_request_id_is_echoed_or_generated(client):
+    assert post(client, PAIR, headers={"X-Request-ID": "abc-123"}).headers["X-Request-ID"] == "abc-123"
+    generated = client.get("/health/live").headers["X-Request-ID"]
+    assert len(generated) == 32
+    assert client.get("/health/live", headers={"X-Request-ID": "bad id!"}).headers["X-Request-ID"] != "bad id!"
+
+
+def test_liveness(client):
+    body = client.get("/health/live").get_json()
+    assert body["status"] == "alive" and body["pid"] > 0 and body["uptime_seconds"] >= 0
+
+
+def test_readiness_when_ready(client):
+    response = client.get("/health/ready")
+    assert response.status_code == 200
+    body = response.get_json()
+    assert body["status"] == "ready"
+    assert body["checks"]["model"] == "ready" and body["checks"]["tokenizer"] and body["checks"]["forward"]
+    assert client.get("/healthz").get_json() == {"status": "ok"}
+
+
+def test_not_ready_while_loading_and_after_a_failed_load(tmp_path):
+    import threading
+    release = threading.Event()
+
+    def slow_load():
+        release.wait(30)
+        raise FileNotFoundError("no model here")
+
+    loader = ModelLoader(slow_load)
+    client = create_app(load_settings({"MGEO_READY_CACHE_SECONDS": "0"}), loader=loader).test_client()
+    assert client.get("/health/live").status_code == 200
+    body = client.get("/health/ready").get_json()
+    assert (body["status"], body["reason"]) == ("not_ready", "model_loading")
+    assert_error(post(client, PAIR), 503, "not_ready")
+    release.set()
+    loader.wait(10)
+    response = client.get("/health/ready")
+    assert response.status_code == 503 and response.get_json()["reason"] == "model_load_failed"
+    assert client.get("/healthz").get_json() == {"status": "not ready", "reason": "model_load_failed"}
+    assert client.get("/health/live").status_code == 200
+
+
+def test_a_missing_model_directory_is_model_load_failed(tmp_path):
+    client = make_app(MGEO_MODEL_DIR=str(tmp_path / "absent")).test_client()
+    body = client.get("/health/ready").get_json()
+    assert body["reason"] == "model_load_failed"
+    assert "does not exist" in body["checks"]["error"]
+
+
+def test_bearer_token(tmp_path):
+    client = make_app(MGEO_API_TOKEN="s3cret").test_client()
+    missing = post(client, PAIR)
+    assert_error(missing, 401, "unauthorized")
+    assert missing.headers["WWW-Authenticate"].startswith("Bearer")
+    assert_error(post(client, PAIR, headers={"Authorization": "Bearer wrong"}), 401, "unauthorized")
+    assert post(client, PAIR, headers={"Authorization": "Bearer s3cret"}).status_code == 200
+    assert client.get("/health/ready").status_code == 200  # health stays open

@@ -1,0 +1,40 @@
+"""Settings: defaults, and bad values that stop start-up naming the variable."""
+import subprocess
+import sys
+
+import pytest
+
+from mgeo_service.config import SETTINGS, ConfigError, Settings, load_settings
+
+
+def test_defaults():
+    settings = load_settings({})
+    assert settings.bind == "0.0.0.0:5000"
+    assert (settings.workers, settings.threads) == (2, 4)
+    assert (settings.metrics_port, settings.metrics_bind) == (8000, "0.0.0.0")
+    assert (settings.max_pairs, settings.max_body_bytes) == (64, 65536)
+    assert (settings.ready_min_gpu_free_mb, settings.ready_cache_seconds) == (1024, 10)
+    assert (settings.batch_max_pairs, settings.batch_wait_ms) == (32, 2)
+    assert settings.gpu_poll_seconds == 5
+    assert settings.model_dir == "" and settings.device == "auto"
+
+
+def test_every_setting_is_declared_once():
+    assert set(SETTINGS) == {"MGEO_" + f.upper() for f in Settings.__dataclass_fields__}
+
+
+@pytest.mark.parametrize("name, value", [
+    ("MGEO_WORKERS", "zero"), ("MGEO_WORKERS", "0"), ("MGEO_DEVICE", "tpu"), ("MGEO_BIND", "5000"),
+    ("MGEO_METRICS_PORT", "70000"), ("MGEO_FP16", "maybe"), ("MGEO_LOG_LEVEL", "loud"),
+    ("MGEO_READY_CACHE_SECONDS", "-1"), ("MGEO_MAX_PAIRS", ""),
+])
+def test_bad_values_name_the_variable(name, value):
+    with pytest.raises(ConfigError, match=name):
+        load_settings({name: value})
+
+
+def test_serve_refuses_a_bad_setting_at_once():
+    result = subprocess.run([sys.executable, "-m", "mgeo_service", "serve"], capture_output=True, text=True,
+                            env={"PATH": "/usr/bin:/bin", "MGEO_WORKERS": "many"}, timeout=60)
+    assert result.returncode != 0
+    assert "MGEO_WORKERS" in result.stderr
