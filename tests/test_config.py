@@ -38,3 +38,13 @@ def test_serve_refuses_a_bad_setting_at_once():
                             env={"PATH": "/usr/bin:/bin", "MGEO_WORKERS": "many"}, timeout=60)
     assert result.returncode != 0
     assert "MGEO_WORKERS" in result.stderr
+
+
+def test_readme_lists_every_setting_with_its_default():
+    import os
+    from conftest import ROOT
+    with open(os.path.join(ROOT, "README.md"), encoding="utf-8") as f:
+        readme = f.read()
+    for name, spec in SETTINGS.items():
+        default = f"`{spec['default']}`" if spec["default"] else "(empty)"
+        assert f"| `{name}` | {default} |" in readme, name
