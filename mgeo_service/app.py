@@ -31,6 +31,8 @@ access_log = logging.getLogger("mgeo_service.access")
 
 ADDRESS_FIELDS = ("address1", "address2")
 _REQUEST_ID = re.compile(r"[A-Za-z0-9._:\-]{1,128}")
+with open(os.path.join(os.path.dirname(__file__), "openapi.json"), encoding="utf-8") as _spec:
+    OPENAPI = json.load(_spec)  # the API's description, served at /openapi.json and kept true by tests
 _HTTP_CODES = {400: "bad_request", 404: "not_found", 405: "method_not_allowed",
                413: "payload_too_large", 415: "unsupported_media_type"}
 
@@ -249,6 +251,10 @@ def create_app(settings: Settings | None = None, loader: ModelLoader | None = No
         if is_batch:
             return json_response({"results": results, "model": matcher.model_id})
         return json_response({**results[0], "model": matcher.model_id})
+
+    @app.get("/openapi.json")
+    def openapi():
+        return json_response(OPENAPI)
 
     @app.get("/health/live")
     def live():

@@ -43,7 +43,8 @@ def _train(args, settings) -> int:
         return 2
     summary = train(args.data, args.out, args.splits, layers=args.layers, epochs=args.epochs,
                     batch_size=args.batch_size, learning_rate=args.learning_rate,
-                    max_length=settings.max_length, seed=args.seed, threads=args.threads, limit=args.limit)
+                    max_length=settings.max_length, seed=args.seed, threads=args.threads, limit=args.limit,
+                    shenzhen=args.shenzhen)
     print(json.dumps(summary, ensure_ascii=False))
     return 0
 
@@ -83,6 +84,8 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--learning-rate", type=float, default=1e-4)
     train.add_argument("--seed", type=int, default=20211)
     train.add_argument("--threads", type=int, default=None)
+    train.add_argument("--shenzhen", type=int, default=0,
+                       help="also train on this many Shenzhen pairs (same place as exact_match)")
     train.add_argument("--limit", type=int, default=None, help="use only the first N pairs of each split (smoke runs)")
     train.set_defaults(run=_train)
     return parser

@@ -45,6 +45,7 @@ def evaluate(matcher, pairs: Sequence[LabelledPair]) -> dict:
         "seconds": round(seconds, 3),
         "pairs_per_second": round(len(pairs) / seconds, 1) if seconds else None,
         "model": matcher.model_id,
+        "load_seconds": round(matcher.load_seconds, 3),
         "max_length": matcher.max_length,
         "batch_size": matcher.batch_size,
     })

@@ -162,3 +162,78 @@ def test_bearer_token(tmp_path):
     assert_error(post(client, PAIR, headers={"Authorization": "Bearer wrong"}), 401, "unauthorized")
     assert post(client, PAIR, headers={"Authorization": "Bearer s3cret"}).status_code == 200
     assert client.get("/health/ready").status_code == 200  # health stays open
+
+
+def test_an_inference_error_fails_only_its_own_request(default_matcher):
+    """A forward that fails (CUDA out of memory, injected at the matcher boundary) answers 503 for
+    the request that caused it; requests batched with it still get results; the worker serves on."""
+    import threading
+
+    import torch
+    from prometheus_client import REGISTRY
+
+    poison = len(default_matcher.encode([("炸" * 40, "炸" * 40)])[0][0])
+
+    class FailingMatcher:
+        """The real matcher, except that a forward holding the poisoned pair runs out of memory."""
+        def __getattr__(self, name):
+            return getattr(default_matcher, name)
+
+        def forward(self, encoded):
+            if any(len(ids) == poison for ids, _ in encoded):
+                raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+            return default_matcher.forward(encoded)
+
+    loader = ModelLoader(FailingMatcher)
+    settings = load_settings({"MGEO_READY_CACHE_SECONDS": "0", "MGEO_BATCH_WAIT_MS": "200"})
+    client = create_app(settings, loader=loader).test_client()
+    loader.wait(10)
+    before = REGISTRY.get_sample_value("mgeo_inference_errors_total", {"reason": "out_of_memory"}) or 0
+
+    answers = {}
+
+    def send(name, body):
+        answers[name] = post(client, body)
+
+    threads = [threading.Thread(target=send, args=("good", PAIR)),
+               threading.Thread(target=send, args=("poisoned", {"address1": "炸" * 40, "address2": "炸" * 40})),
+               threading.Thread(target=send, args=("batch", {"pairs": [PAIR, PAIR]}))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(30)
+    assert answers["good"].status_code == 200
+    assert len(answers["batch"].get_json()["results"]) == 2
+    body = assert_error(answers["poisoned"], 503, "inference_failed")
+    assert "out_of_memory" in body["error"]["message"]
+    assert answers["poisoned"].headers["Retry-After"] == "1"
+    assert REGISTRY.get_sample_value("mgeo_inference_errors_total", {"reason": "out_of_memory"}) == before + 1
+    assert post(client, PAIR).status_code == 200  # the worker keeps serving
+
+
+def test_responses_match_the_openapi_description(client):
+    from jsonschema import Draft202012Validator
+    spec = client.get("/openapi.json").get_json()
+    assert spec["openapi"].startswith("3.1")
+
+    def check(path, method, response):
+        declared = spec["paths"][path][method]["responses"][str(response.status_code)]
+        if "$ref" in declared:
+            declared = spec["components"]["responses"][declared["$ref"].rsplit("/", 1)[1]]
+        schema = declared["content"]["application/json"]["schema"]
+        Draft202012Validator({**schema, "components": spec["components"]}).validate(response.get_json())
+
+    check("/predict", "post", post(client, PAIR))
+    check("/predict", "post", post(client, {"pairs": [PAIR, PAIR]}))
+    check("/predict", "post", post(client, {"address1": "x"}))
+    check("/predict", "post", post(client, b"x", content_type="text/plain"))
+    check("/health/live", "get", client.get("/health/live"))
+    check("/health/ready", "get", client.get("/health/ready"))
+    check("/healthz", "get", client.get("/healthz"))
+    # and the request schemas accept what the API accepts, refuse what it refuses
+    body_schema = spec["paths"]["/predict"]["post"]["requestBody"]["content"]["application/json"]["schema"]
+    validator = Draft202012Validator({**body_schema, "components": spec["components"]})
+    assert validator.is_valid(PAIR) and validator.is_valid({"pairs": [PAIR]})
+    for bad in ({"address1": "x"}, {"pairs": []}, {**PAIR, "extra": 1}, {"address1": "", "address2": "x"}):
+        assert not validator.is_valid(bad)
+        assert post(client, bad).status_code == 400

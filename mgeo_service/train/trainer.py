@@ -39,6 +39,7 @@ from .e5 import read_e5
 log = logging.getLogger(__name__)
 
 CCKS_FILE = "ccks2021_address_pairs.tsv"
+SHENZHEN_FILE = "shenzhen_address_pairs.tsv"
 SPECIAL_TOKENS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
 # ASCII letters and digits also appear inside words ("A404"), as WordPiece continuations.
 ASCII_PIECES = [chr(c) for c in range(33, 127) if not chr(c).isupper()]
@@ -64,6 +65,13 @@ def write_pairs(path: str, pairs: list[LabelledPair]) -> None:
         f.write("address1\taddress2\tlabel\n")
         for p in pairs:
             f.write(f"{p.address1}\t{p.address2}\t{p.label}\n")
+
+
+def shenzhen_pairs(data_dir: str, count: int, seed: int) -> list[LabelledPair]:
+    """A seeded sample of the Shenzhen pairs: same place -> exact_match, different -> not_match."""
+    pairs = [LabelledPair(p.address1, p.address2, 2 if p.label == 1 else 0)
+             for p in read_pairs(os.path.join(data_dir, SHENZHEN_FILE))]
+    return random.Random(seed).sample(pairs, min(count, len(pairs)))
 
 
 def division_names(data_dir: str) -> list[str]:
@@ -205,7 +213,8 @@ def calibrate_bias(logits: torch.Tensor, labels: list[int]) -> list[float]:
 
 def train(data_dir: str, out_dir: str, splits_dir: str, layers: int = 4, epochs: int = 4,
           batch_size: int = 32, learning_rate: float = 1e-4, max_length: int = 128,
-          seed: int = 20211, threads: int | None = None, limit: int | None = None) -> dict:
+          seed: int = 20211, threads: int | None = None, limit: int | None = None,
+          shenzhen: int = 0) -> dict:
     started = time.time()
     random.seed(seed)
     np.random.seed(seed)
@@ -222,11 +231,12 @@ def train(data_dir: str, out_dir: str, splits_dir: str, layers: int = 4, epochs:
         splits = {name: pairs[:limit] for name, pairs in splits.items()}
     log.info("split: %s", {k: len(v) for k, v in splits.items()})
 
-    texts = [t for p in splits["train"] for t in (p.address1, p.address2)] + division_names(data_dir)
+    extra = shenzhen_pairs(data_dir, shenzhen, seed) if shenzhen else []
+    texts = [t for p in splits["train"] + extra for t in (p.address1, p.address2)] + division_names(data_dir)
     vocab = build_vocab(texts)
     tokenizer = save_tokenizer(vocab, out_dir)
     model = seed_model(vocab, layers)
-    train_set = encode(tokenizer, splits["train"], max_length, both_orders=True)
+    train_set = encode(tokenizer, splits["train"] + extra, max_length, both_orders=True)
     val_set = encode(tokenizer, splits["validation"], max_length, both_orders=False)
     val_labels = [p.label for p in splits["validation"]]
 
@@ -283,7 +293,7 @@ def train(data_dir: str, out_dir: str, splits_dir: str, layers: int = 4, epochs:
     summary = {
         "seed": seed, "layers": layers, "epochs": epochs, "batch_size": batch_size,
         "learning_rate": learning_rate, "max_length": max_length,
-        "splits": {k: len(v) for k, v in splits.items()}, "vocab_size": len(vocab),
+        "splits": {k: len(v) for k, v in splits.items()}, "shenzhen_pairs": len(extra), "vocab_size": len(vocab),
         "parameters": sum(p.numel() for p in model.parameters()),
         "class_weights": [round(float(w), 4) for w in weights], "history": history,
         "best_epoch": best["epoch"], "output_bias": bias, "validation_macro_f1": calibrated,
