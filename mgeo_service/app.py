@@ -236,6 +236,8 @@ def create_app(settings: Settings | None = None, loader: ModelLoader | None = No
         authenticate()
         data = read_json_body(settings.max_body_bytes)
         pairs, is_batch = parse_predict_body(data, settings.max_pairs, settings.max_address_chars)
+        # A worker that has just started (first start, reload, restart) answers once its model is in.
+        loader.wait(settings.load_wait_seconds)
         if loader.state != READY:
             raise ApiError(503, "not_ready", f"the model is not ready ({loader.reason or 'model_loading'})",
                            {"Retry-After": "1"})

@@ -94,6 +94,7 @@ SETTINGS = {
     "MGEO_BATCH_WAIT_MS": _setting("2", _number(0), "how long a forward waits for more requests to join"),
     "MGEO_READY_MIN_GPU_FREE_MB": _setting("1024", _integer(0), "free GPU memory readiness needs (CUDA only)"),
     "MGEO_READY_CACHE_SECONDS": _setting("10", _number(0), "how long a readiness result is reused"),
+    "MGEO_LOAD_WAIT_SECONDS": _setting("30", _number(0), "how long /predict waits for a loading model before 503"),
     "MGEO_API_TOKEN": _setting("", _text, "bearer token /predict requires; empty: no token"),
     "MGEO_LOG_LEVEL": _setting("info", _choice("debug", "info", "warning", "error"), "log level"),
 }
@@ -122,6 +123,7 @@ class Settings:
     batch_wait_ms: float
     ready_min_gpu_free_mb: int
     ready_cache_seconds: float
+    load_wait_seconds: float
     api_token: str
     log_level: str
 

@@ -134,7 +134,8 @@ def test_not_ready_while_loading_and_after_a_failed_load(tmp_path):
         raise FileNotFoundError("no model here")
 
     loader = ModelLoader(slow_load)
-    client = create_app(load_settings({"MGEO_READY_CACHE_SECONDS": "0"}), loader=loader).test_client()
+    settings = load_settings({"MGEO_READY_CACHE_SECONDS": "0", "MGEO_LOAD_WAIT_SECONDS": "0.2"})
+    client = create_app(settings, loader=loader).test_client()
     assert client.get("/health/live").status_code == 200
     body = client.get("/health/ready").get_json()
     assert (body["status"], body["reason"]) == ("not_ready", "model_loading")

@@ -1,0 +1,174 @@
+"""Faults with real processes: killed workers and sidecar, bad model directories, signals under load."""
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+
+import pytest
+
+from conftest import free_port, http
+
+PAIR = {"address1": "北京市海淀区中关村大街1号", "address2": "北京海淀中关村街1号"}
+SECRET = {"address1": "私密街道9527号隐私小区", "address2": "私密街道9527号"}
+
+
+class Load:
+    """Client threads posting /predict until stopped (bounded: at most `limit` seconds)."""
+
+    def __init__(self, url, clients=6, limit=60.0, body=PAIR):
+        self.url, self.body, self.limit = url, body, limit
+        self.statuses: list[int] = []
+        self.failures: list[str] = []
+        self._stop = threading.Event()
+        self._threads = [threading.Thread(target=self._run, daemon=True) for _ in range(clients)]
+
+    def __enter__(self):
+        for t in self._threads:
+            t.start()
+        return self
+
+    def _run(self):
+        deadline = time.monotonic() + self.limit
+        while not self._stop.is_set() and time.monotonic() < deadline:
+            try:
+                self.statuses.append(http("POST", self.url + "/predict", self.body, timeout=30)[0])
+            except OSError as exc:  # connection reset or refused: the request failed
+                self.failures.append(type(exc).__name__)
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        for t in self._threads:
+            t.join(60)
+
+    def bad(self):
+        return [s for s in self.statuses if s != 200] + self.failures
+
+
+def request_totals(service):
+    return {labels: v for (name, labels), v in service.scrape().items() if name == "mgeo_request_total"}
+
+
+def sidecar_pid(service):
+    for pid in service.children():
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            if b"mgeo_service.sidecar" in f.read():
+                return pid
+    raise AssertionError("no sidecar process")
+
+
+def test_sigkill_a_worker_under_load(service_factory):
+    service = service_factory(MGEO_THREADS="4").wait_ready()
+    before = request_totals(service)
+    victim = http("GET", service.url + "/health/live")[2]["pid"]
+    with Load(service.url) as load:
+        time.sleep(2)
+        os.kill(victim, signal.SIGKILL)
+        time.sleep(3)
+    assert len(load.statuses) > 20
+    # only the killed worker's in-flight requests (at most its 4 threads) may fail
+    assert len(load.bad()) <= 4, load.bad()
+    service.wait_until(lambda: service.metric("mgeo_worker_starts_total") == 3, 60, "a replacement worker")
+    service.wait_ready()
+    after = request_totals(service)
+    for labels, value in before.items():
+        assert after[labels] >= value
+
+
+def test_sigkill_the_sidecar(service_factory):
+    service = service_factory().wait_ready()
+    for _ in range(5):
+        http("POST", service.url + "/predict", PAIR)
+    before = request_totals(service)
+    os.kill(sidecar_pid(service), signal.SIGKILL)
+    killed = time.monotonic()
+    service.wait_until(lambda: service.scrape(), 10, "the sidecar back")
+    assert time.monotonic() - killed < 5
+    assert request_totals(service) == before  # nothing lost, nothing counted twice
+
+
+@pytest.mark.parametrize("layout", ["missing", "corrupt", "unknown"])
+def test_a_bad_model_directory_is_not_ready_without_crash_looping(service_factory, tmp_path, layout):
+    model = tmp_path / "model"
+    if layout != "missing":
+        model.mkdir()
+        (model / "config.json").write_text('{"model_type": "bert"}' if layout == "corrupt" else "{}")
+        if layout == "corrupt":
+            (model / "model.safetensors").write_bytes(b"not a safetensors file" * 10)
+            (model / "vocab.txt").write_text("[PAD]\n[UNK]\n")
+    service = service_factory(MGEO_MODEL_DIR=str(model))
+    service.wait_until(lambda: http("GET", service.url + "/health/ready")[2].get("reason") == "model_load_failed",
+                       60, "readiness to report the failed load")
+    assert http("GET", service.url + "/health/live")[0] == 200
+    status, _, body = http("POST", service.url + "/predict", PAIR)
+    assert status == 503 and body["error"]["code"] == "not_ready"
+    workers = sorted(pid for pid in service.children() if pid != sidecar_pid(service))
+    time.sleep(3)
+    assert sorted(pid for pid in service.children() if pid != sidecar_pid(service)) == workers  # no crash loop
+    assert service.metric("mgeo_worker_starts_total") == 2
+    assert service.metric("mgeo_readiness_failures_total", reason="model_load_failed") >= 1
+    assert "model load failed (model_load_failed)" in service.log()
+
+
+def test_an_unwritable_multiprocess_directory_stops_start_up(tmp_path):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    target = blocker / "multiproc"
+    result = subprocess.run([sys.executable, "-m", "mgeo_service", "serve"], capture_output=True, text=True,
+                            timeout=60, env={**os.environ, "PROMETHEUS_MULTIPROC_DIR": str(target),
+                                             "MGEO_BIND": f"127.0.0.1:{free_port()}",
+                                             "MGEO_METRICS_PORT": str(free_port())})
+    assert result.returncode != 0
+    assert f"PROMETHEUS_MULTIPROC_DIR={target}" in result.stderr
+
+
+def test_sigterm_lets_in_flight_requests_finish(service_factory):
+    service = service_factory(MGEO_GRACEFUL_TIMEOUT="20").wait_ready()
+    big = {"pairs": [PAIR] * 64}
+    results = []
+
+    def send():
+        try:
+            results.append(http("POST", service.url + "/predict", big, timeout=60)[0])
+        except OSError as exc:
+            results.append(type(exc).__name__)
+
+    threads = [threading.Thread(target=send) for _ in range(6)]
+    for t in threads:
+        t.start()
+    time.sleep(0.3)
+    started = time.monotonic()
+    service.process.send_signal(signal.SIGTERM)
+    for t in threads:
+        t.join(60)
+    service.process.wait(30)
+    assert time.monotonic() - started < 20
+    assert results == [200] * 6
+
+
+def test_sighup_reload_fails_no_request(service_factory):
+    service = service_factory().wait_ready()
+    old_workers = set(service.children())
+    with Load(service.url, clients=4) as load:
+        time.sleep(1)
+        service.process.send_signal(signal.SIGHUP)
+        service.wait_until(lambda: service.metric("mgeo_worker_starts_total") == 4, 60, "the new workers")
+        time.sleep(2)
+    assert load.bad() == []
+    assert len(load.statuses) > 20
+    assert not old_workers & set(service.children()) - {sidecar_pid(service)}
+
+
+def test_addresses_never_reach_the_log_or_the_metrics(service_factory):
+    service = service_factory().wait_ready()
+    http("POST", service.url + "/predict", SECRET)
+    http("POST", service.url + "/predict", {"pairs": [SECRET]})
+    http("POST", service.url + "/predict", {"address1": SECRET["address1"], "address2": 42})
+    http("POST", service.url + "/predict", {"address1": SECRET["address1"] * 100, "address2": "x"})
+    log = service.log()
+    metrics = urllib.request.urlopen(service.metrics_url, timeout=10).read().decode()
+    for text in (log, metrics):
+        assert "私密" not in text and "9527" not in text
+    assert '"route": "/predict"' in log
