@@ -6,10 +6,15 @@ a bad value stops start-up here with a message naming the variable.
 import os
 import sys
 
-from prometheus_client import multiprocess
-
+from mgeo_service import multiproc
 from mgeo_service.config import ConfigError, load_settings
-from mgeo_service.server import SidecarSupervisor, prepare_multiproc_dir
+from mgeo_service.server import SidecarSupervisor
+
+# Import the heavy libraries once in the master, so that a worker forked from it starts in
+# a fraction of a second. Importing initialises neither CUDA nor any thread pool; the app,
+# its metrics, the model and CUDA are all created in each worker after the fork.
+import torch  # noqa: F401
+import transformers.models.bert.modeling_bert  # noqa: F401
 
 try:
     _settings = load_settings()
@@ -25,8 +30,8 @@ graceful_timeout = _settings.graceful_timeout
 # Workers restart after max_requests (0: never); jitter keeps them from restarting together.
 max_requests = _settings.max_requests
 max_requests_jitter = _settings.max_requests // 10
-# No preloading: torch and the model are loaded in each worker after the fork,
-# so the master never touches torch, CUDA or NVML.
+# The app is created, and the model loaded, in each worker after the fork:
+# the master never touches CUDA or NVML.
 preload_app = False
 loglevel = _settings.log_level
 # The app writes its own JSON access log without addresses.
@@ -40,7 +45,7 @@ def on_starting(server):
     path = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
     if not path:
         sys.exit("mgeo-service: PROMETHEUS_MULTIPROC_DIR is not set; start with `mgeo-service serve`")
-    prepare_multiproc_dir(path)
+    multiproc.prepare(path)
 
 
 def when_ready(server):
@@ -50,8 +55,9 @@ def when_ready(server):
 
 
 def child_exit(server, worker):
-    # A dead worker's live gauges (in progress, model ready) must stop counting.
-    multiprocess.mark_process_dead(worker.pid)
+    # A dead worker's live gauges (in progress, model ready) must stop counting, and its
+    # counters fold into one aggregate so that worker churn cannot grow the directory.
+    multiproc.fold_dead_process(os.environ["PROMETHEUS_MULTIPROC_DIR"], worker.pid)
 
 
 def on_exit(server):

@@ -1,13 +1,11 @@
 """``mgeo-service serve``: prepare the environment, then run Gunicorn with ``gunicorn.conf.py``.
 
-Also the pieces the Gunicorn master uses from its hooks: the multiprocess
-metrics directory and the supervisor that keeps the metrics sidecar running.
+Also the supervisor, run by the Gunicorn master, that keeps the metrics sidecar running.
 """
 from __future__ import annotations
 
 import logging
 import os
-import shutil
 import subprocess
 import sys
 import tempfile
@@ -25,23 +23,6 @@ WSGI_APP = "mgeo_service.app:create_app()"
 def default_multiproc_dir(settings: Settings) -> str:
     port = settings.bind.rpartition(":")[2]
     return os.path.join(tempfile.gettempdir(), f"mgeo-metrics-{port}")
-
-
-def prepare_multiproc_dir(path: str) -> None:
-    """Empty the directory (stale files would resurrect old counts) and prove it is writable."""
-    try:
-        if os.path.isdir(path):
-            for entry in os.listdir(path):
-                target = os.path.join(path, entry)
-                shutil.rmtree(target) if os.path.isdir(target) else os.remove(target)
-        else:
-            os.makedirs(path)
-        probe = os.path.join(path, ".write-test")
-        with open(probe, "w") as f:
-            f.write("ok")
-        os.remove(probe)
-    except OSError as exc:
-        raise SystemExit(f"mgeo-service: PROMETHEUS_MULTIPROC_DIR={path} is not a writable directory: {exc}")
 
 
 class SidecarSupervisor:

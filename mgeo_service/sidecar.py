@@ -16,6 +16,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 from prometheus_client.multiprocess import MultiProcessCollector
 
+from . import multiproc
 from .config import ConfigError, load_settings
 from .nvml import GpuPoller
 
@@ -26,7 +27,8 @@ def render_metrics(multiproc_dir: str, gpu: GpuPoller) -> bytes:
     registry = CollectorRegistry()
     MultiProcessCollector(registry, path=multiproc_dir)
     registry.register(gpu)
-    return generate_latest(registry)
+    with multiproc.locked(multiproc_dir, exclusive=False):  # never half-way through a fold
+        return generate_latest(registry)
 
 
 def make_handler(multiproc_dir: str, gpu: GpuPoller):

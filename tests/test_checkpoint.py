@@ -132,7 +132,7 @@ def test_pickled_code_is_not_run(tmp_path):
             return (os.system, (f"touch {marker}",))
 
     with open(os.path.join(path, "pytorch_model.bin"), "wb") as f:
-        pickle.dump({"bert.x": Exploit()}, f)
+        pickle.dump({"bert.x": Exploit()}, f, protocol=2)
     with pytest.raises(CheckpointError, match="cannot read weights"):
         load_checkpoint(path)
     assert not marker.exists()
