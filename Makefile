@@ -28,6 +28,12 @@ test-tools:
 test: install test-tools
 	$(PY) -m pytest
 
+# wrk drives the HTTP loads; LitServe and prometheus_flask_exporter are the peers compared against.
+bench: install
+	@command -v wrk >/dev/null || (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq wrk)
+	$(PY) -m pip install -q -e '.[bench]'
+	$(PY) bench/run.py
+
 train: install
 	$(PY) -m pip install -q -e '.[train]'
 	$(VENV)/bin/mgeo-service train --data ../shared/data --out mgeo_service/models/default --splits run/splits

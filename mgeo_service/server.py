@@ -28,6 +28,7 @@ def default_multiproc_dir(settings: Settings) -> str:
 class SidecarSupervisor:
     """Runs ``python -m mgeo_service.sidecar`` and starts it again whenever it exits."""
 
+    POLL_INTERVAL = 0.2
     RESTART_DELAY = 0.5
 
     def __init__(self):
@@ -41,9 +42,12 @@ class SidecarSupervisor:
     def _run(self) -> None:
         while not self._stopping.is_set():
             self._process = subprocess.Popen([sys.executable, "-m", "mgeo_service.sidecar"])
-            code = self._process.wait()
+            # Poll, not wait(): the Gunicorn master reaps every child with waitpid(-1), and a
+            # blocking wait can sleep through an exit that the master reaped first.
+            while self._process.poll() is None and not self._stopping.wait(self.POLL_INTERVAL):
+                pass
             if not self._stopping.is_set():
-                log.warning("metrics sidecar exited with %s; starting it again", code)
+                log.warning("metrics sidecar exited with %s; starting it again", self._process.returncode)
                 self._stopping.wait(self.RESTART_DELAY)
 
     def stop(self) -> None:

@@ -150,15 +150,15 @@ def test_sigterm_lets_in_flight_requests_finish(service_factory):
 
 def test_sighup_reload_fails_no_request(service_factory):
     service = service_factory().wait_ready()
-    old_workers = set(service.children())
+    old_workers = set(service.children()) - {sidecar_pid(service)}
     with Load(service.url, clients=4) as load:
         time.sleep(1)
         service.process.send_signal(signal.SIGHUP)
         service.wait_until(lambda: service.metric("mgeo_worker_starts_total") == 4, 60, "the new workers")
-        time.sleep(2)
+        service.wait_until(lambda: not old_workers & set(service.children()), 30, "the old workers to finish")
+        time.sleep(1)
     assert load.bad() == []
     assert len(load.statuses) > 20
-    assert not old_workers & set(service.children()) - {sidecar_pid(service)}
 
 
 def test_addresses_never_reach_the_log_or_the_metrics(service_factory):
