@@ -24,8 +24,10 @@ sys.path.insert(0, ROOT)
 
 from mgeo_service.dataset import read_pairs  # noqa: E402
 
-PAIRS_FILE = os.path.join(ROOT, "tests", "data", "address_pairs.tsv")
 HERE = os.path.dirname(os.path.abspath(__file__))
+# Real pairs when the shared data is beside the checkout; else the project's own test set.
+SHARED_PAIRS = os.path.join(ROOT, "..", "shared", "data", "ccks2021_address_pairs.tsv")
+PAIRS_FILE = SHARED_PAIRS if os.path.exists(SHARED_PAIRS) else os.path.join(ROOT, "tests", "data", "address_pairs.tsv")
 
 
 def free_port() -> int:
@@ -34,8 +36,10 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def pairs() -> list[tuple[str, str]]:
-    return [(p.address1, p.address2) for p in read_pairs(PAIRS_FILE)]
+def pairs(count: int = 2000) -> list[tuple[str, str]]:
+    """A seeded sample of distinct real pairs, so that batches pad as they would in production."""
+    items = [(p.address1, p.address2) for p in read_pairs(PAIRS_FILE)]
+    return random.Random(0).sample(items, min(count, len(items)))
 
 
 def get(url: str, timeout: float = 5.0) -> int:
@@ -75,13 +79,13 @@ class Process:
             pass
 
 
-def serve(env: dict | None = None) -> tuple[Process, str, str, str, float]:
+def serve(env: dict | None = None, ready_path: str = "/health/ready") -> tuple[Process, str, str, str, float]:
     port, metrics_port = free_port(), free_port()
     multiproc_dir = tempfile.mkdtemp(prefix="bench-multiproc-")
     process = Process([sys.executable, "-m", "mgeo_service", "serve"], {
         "MGEO_BIND": f"127.0.0.1:{port}", "MGEO_METRICS_PORT": str(metrics_port),
         "MGEO_METRICS_BIND": "127.0.0.1", "PROMETHEUS_MULTIPROC_DIR": multiproc_dir, **(env or {})})
-    ready = wait_for(f"http://127.0.0.1:{port}/health/ready")
+    ready = wait_for(f"http://127.0.0.1:{port}{ready_path}")
     return process, f"http://127.0.0.1:{port}", f"http://127.0.0.1:{metrics_port}/metrics", multiproc_dir, ready
 
 
@@ -89,7 +93,7 @@ def bodies_file(batch: int) -> str:
     items = pairs()
     random.Random(0).shuffle(items)
     f = tempfile.NamedTemporaryFile("w", suffix=".jsonl", delete=False, encoding="utf-8")
-    for i in range(len(items)):
+    for i in range(len(items) if batch == 1 else 200):
         if batch == 1:
             body = {"address1": items[i][0], "address2": items[i][1]}
         else:
@@ -129,8 +133,7 @@ from bench.run import pairs
 from mgeo_service.matcher import Matcher, length_sorted_chunks
 threads, batch, order, seconds = int(sys.argv[2]), int(sys.argv[3]), sys.argv[4], float(sys.argv[5])
 m = Matcher(device="cpu", threads=threads, batch_size=batch)
-items = pairs() * 40
-random.Random(0).shuffle(items)
+items = pairs()
 encoded = m.encode(items)
 if order == "sorted":
     chunks = length_sorted_chunks(encoded, batch)
@@ -177,7 +180,8 @@ def directory_bytes(path: str) -> int:
 
 def churn(restarts: int) -> dict:
     """f: worker churn through max_requests; scrape time and directory size against no churn."""
-    process, url, metrics_url, directory, _ = serve({"MGEO_MAX_REQUESTS": "2"})
+    # Readiness probes would count towards max_requests too: wait for liveness only.
+    process, url, metrics_url, directory, _ = serve({"MGEO_MAX_REQUESTS": "2"}, ready_path="/health/live")
     try:
         started = time.monotonic()
         while True:
@@ -187,7 +191,6 @@ def churn(restarts: int) -> dict:
             starts = float([l for l in text.splitlines() if l.startswith("mgeo_worker_starts_total")][0].split()[1])
             if starts - 2 >= restarts or time.monotonic() - started > 900:
                 break
-        wait_for(url + "/health/ready")
         churned = {"worker_restarts": int(starts - 2), "seconds": round(time.monotonic() - started, 1),
                    "scrape": scrape_latencies(metrics_url), "directory_bytes": directory_bytes(directory),
                    "files": len(os.listdir(directory))}
@@ -238,12 +241,13 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--seconds", type=int, default=15, help="length of each load")
     parser.add_argument("--connections", type=int, default=32)
+    parser.add_argument("--batch-connections", type=int, default=4, help="connections sending 32-pair requests")
     parser.add_argument("--restarts", type=int, default=1000)
     parser.add_argument("--out", default=os.path.join(HERE, "results", "latest.json"))
     args = parser.parse_args()
     results = {"machine": {"cpus": os.cpu_count(), "platform": platform.platform(),
                            "python": platform.python_version()},
-               "command": "make bench", "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+               "command": "make bench", "pairs_file": os.path.relpath(PAIRS_FILE, ROOT), "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
 
     def step(name, run):
         print(f"bench: {name} ...", file=sys.stderr, flush=True)
@@ -263,7 +267,7 @@ def main() -> int:
             single = wrk(url + "/predict", args.seconds, args.connections)
             results["service"] = wrk_result(single)
             results["health_live_under_load"] = wrk_result(live, batch=0)
-            results["service_batch"] = load(url + "/predict", args.seconds, args.connections, batch=32)
+            results["service_batch"] = load(url + "/predict", args.seconds, args.batch_connections, batch=32)
             return {k: results[k] for k in ("service", "health_live_under_load", "service_batch")}
         finally:
             process.stop()

@@ -26,8 +26,9 @@ class ReadinessResult:
 class Readiness:
     """Checks the model, tokenizer, one tiny forward and (on CUDA) free GPU memory.
 
-    A result is reused for ``cache_seconds``; probes that arrive while a check
-    runs wait for it and share its result instead of starting their own.
+    A result is reused for ``cache_seconds`` while the model's load state stays
+    the same; probes that arrive while a check runs wait for it and share its
+    result instead of starting their own.
     """
 
     def __init__(self, loader: ModelLoader, min_gpu_free_mb: int, cache_seconds: float):
@@ -37,14 +38,16 @@ class Readiness:
         self._lock = threading.Lock()
         self._result: ReadinessResult | None = None
         self._checked_at = 0.0
+        self._checked_state = ""
 
     def current(self) -> ReadinessResult:
         with self._lock:  # held while checking: concurrent probes share the one check
-            now = time.monotonic()
-            if self._result is None or now - self._checked_at >= self._cache_seconds:
+            now, state = time.monotonic(), self._loader.state
+            # A finished (or failed) load is news at once, whatever the cache says.
+            if self._result is None or now - self._checked_at >= self._cache_seconds or state != self._checked_state:
                 result = self._check()
                 self._record(result)
-                self._result, self._checked_at = result, now
+                self._result, self._checked_at, self._checked_state = result, now, state
             return self._result
 
     def _record(self, result: ReadinessResult) -> None:

@@ -238,3 +238,16 @@ def test_responses_match_the_openapi_description(client):
     for bad in ({"address1": "x"}, {"pairs": []}, {**PAIR, "extra": 1}, {"address1": "", "address2": "x"}):
         assert not validator.is_valid(bad)
         assert post(client, bad).status_code == 400
+
+
+def test_readiness_cache_gives_way_when_the_load_finishes(default_matcher):
+    import threading
+    release = threading.Event()
+    loader = ModelLoader(lambda: release.wait(30) and default_matcher)
+    settings = load_settings({"MGEO_READY_CACHE_SECONDS": "3600", "MGEO_LOAD_WAIT_SECONDS": "0"})
+    client = create_app(settings, loader=loader).test_client()
+    assert client.get("/health/ready").get_json()["reason"] == "model_loading"
+    release.set()
+    loader.wait(10)
+    # the load ended: the hour-long cache must not hide it
+    assert client.get("/health/ready").get_json()["status"] == "ready"
