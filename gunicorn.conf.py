@@ -7,7 +7,7 @@ import os
 import sys
 
 from mgeo_service import multiproc
-from mgeo_service.config import ConfigError, load_settings
+from mgeo_service.config import load_settings_or_exit
 from mgeo_service.server import SidecarSupervisor
 
 # Import the heavy libraries once in the master, so that a worker forked from it starts in
@@ -16,10 +16,7 @@ from mgeo_service.server import SidecarSupervisor
 import torch  # noqa: F401
 import transformers.models.bert.modeling_bert  # noqa: F401
 
-try:
-    _settings = load_settings()
-except ConfigError as exc:
-    sys.exit(f"mgeo-service: {exc}")
+_settings = load_settings_or_exit("mgeo-service")
 
 bind = [_settings.bind]
 workers = _settings.workers

@@ -12,7 +12,6 @@ import json
 import logging
 import os
 import re
-import sys
 import threading
 import time
 import uuid
@@ -20,14 +19,14 @@ import uuid
 from flask import Flask, Response, g, request
 from werkzeug.exceptions import HTTPException, MethodNotAllowed
 
-from . import metrics
+from . import logs, metrics
 from .batcher import InferenceError, MicroBatcher
 from .config import Settings, load_settings
 from .loader import READY, ModelLoader
 from .readiness import Readiness
 
 log = logging.getLogger(__name__)
-access_log = logging.getLogger("mgeo_service.access")
+access_log = logging.getLogger(logs.ACCESS_LOGGER)
 
 ADDRESS_FIELDS = ("address1", "address2")
 _REQUEST_ID = re.compile(r"[A-Za-z0-9._:\-]{1,128}")
@@ -112,17 +111,6 @@ def parse_predict_body(data, max_pairs: int, max_chars: int) -> tuple[list[tuple
     return [_pair(data, "", max_chars)], False
 
 
-def _configure_logging(level: str) -> None:
-    logging.basicConfig(level=level.upper(), stream=sys.stderr,
-                        format="%(asctime)s %(levelname)s [%(process)d] %(name)s: %(message)s")
-    if not access_log.handlers:  # access lines are JSON documents, one per line
-        handler = logging.StreamHandler(sys.stderr)
-        handler.setFormatter(logging.Formatter("%(message)s"))
-        access_log.addHandler(handler)
-        access_log.propagate = False
-        access_log.setLevel(logging.INFO)
-
-
 def default_loader(settings: Settings) -> ModelLoader:
     def load():
         from .matcher import Matcher
@@ -134,7 +122,7 @@ def default_loader(settings: Settings) -> ModelLoader:
 
 def create_app(settings: Settings | None = None, loader: ModelLoader | None = None) -> Flask:
     settings = settings or load_settings()
-    _configure_logging(settings.log_level)
+    logs.configure(settings.log_level)
     loader = loader or default_loader(settings)
     readiness = Readiness(loader, settings.ready_min_gpu_free_mb, settings.ready_cache_seconds)
     instrument = settings.metrics

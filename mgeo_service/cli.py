@@ -3,10 +3,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import sys
 
-from .config import ConfigError, load_settings
+from . import logs
+from .config import load_settings_or_exit
 
 
 def _matcher(args, settings):
@@ -93,11 +93,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    try:
-        settings = load_settings()
-    except ConfigError as exc:
-        print(f"mgeo-service: {exc}", file=sys.stderr)
-        return 2
-    logging.basicConfig(level=settings.log_level.upper(), stream=sys.stderr,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    settings = load_settings_or_exit("mgeo-service")
+    logs.configure(settings.log_level)
     return args.run(args, settings)

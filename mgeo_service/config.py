@@ -145,3 +145,11 @@ def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
         except ValueError as exc:
             raise ConfigError(f"{name}={text!r}: {exc}") from None
     return Settings(**values)
+
+
+def load_settings_or_exit(program: str) -> Settings:
+    """The settings, or an exit with a message that names the bad variable."""
+    try:
+        return load_settings()
+    except ConfigError as exc:
+        raise SystemExit(f"{program}: {exc}") from None

@@ -9,15 +9,14 @@ from __future__ import annotations
 
 import logging
 import os
-import sys
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 from prometheus_client.multiprocess import MultiProcessCollector
 
-from . import multiproc
-from .config import ConfigError, load_settings
+from . import logs, multiproc
+from .config import load_settings_or_exit
 from .nvml import GpuPoller
 
 log = logging.getLogger(__name__)
@@ -68,13 +67,8 @@ def _exit_with_parent(parent: int, server: ThreadingHTTPServer) -> None:
 
 
 def main() -> int:
-    try:
-        settings = load_settings()
-    except ConfigError as exc:
-        print(f"mgeo-service sidecar: {exc}", file=sys.stderr)
-        return 2
-    logging.basicConfig(level=settings.log_level.upper(), stream=sys.stderr,
-                        format="%(asctime)s %(levelname)s [%(process)d] %(name)s: %(message)s")
+    settings = load_settings_or_exit("mgeo-service sidecar")
+    logs.configure(settings.log_level)
     multiproc_dir = os.environ["PROMETHEUS_MULTIPROC_DIR"]
     gpu = GpuPoller(settings.gpu_poll_seconds).start()
     server = ThreadingHTTPServer((settings.metrics_bind, settings.metrics_port),
