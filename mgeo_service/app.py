@@ -23,6 +23,7 @@ from . import logs, metrics
 from .batcher import InferenceError, MicroBatcher
 from .config import Settings, load_settings
 from .loader import READY, ModelLoader
+from .matcher import Matcher
 from .readiness import Readiness
 
 log = logging.getLogger(__name__)
@@ -113,7 +114,6 @@ def parse_predict_body(data, max_pairs: int, max_chars: int) -> tuple[list[tuple
 
 def default_loader(settings: Settings) -> ModelLoader:
     def load():
-        from .matcher import Matcher
         return Matcher(settings.model_dir or None, device=settings.device, max_length=settings.max_length,
                        batch_size=settings.batch_max_pairs, threads=settings.worker_torch_threads,
                        fp16=settings.fp16)
@@ -139,7 +139,6 @@ def create_app(settings: Settings | None = None, loader: ModelLoader | None = No
 
     app = Flask(__name__)
     app.config["MAX_CONTENT_LENGTH"] = settings.max_body_bytes
-    app.json.ensure_ascii = False
     metrics.WORKER_STARTS.inc()
 
     def on_loaded():
