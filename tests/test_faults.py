@@ -104,7 +104,9 @@ def test_a_bad_model_directory_is_not_ready_without_crash_looping(service_factor
     assert http("GET", service.url + "/health/live")[0] == 200
     status, _, body = http("POST", service.url + "/predict", PAIR)
     assert status == 503 and body["error"]["code"] == "not_ready"
+    service.wait_until(lambda: service.metric("mgeo_worker_starts_total") == 2, 30, "both workers")
     workers = sorted(pid for pid in service.children() if pid != sidecar_pid(service))
+    assert len(workers) == 2
     time.sleep(3)
     assert sorted(pid for pid in service.children() if pid != sidecar_pid(service)) == workers  # no crash loop
     assert service.metric("mgeo_worker_starts_total") == 2
