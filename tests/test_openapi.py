@@ -1,0 +1,26 @@
+"""The OpenAPI description against the live service: schemathesis finds no 5xx and no off-schema answer."""
+import json
+import os
+import subprocess
+import sys
+
+from conftest import ROOT, http
+
+
+def test_served_description_is_the_committed_file(service_factory):
+    service = service_factory().wait_ready()
+    status, _, served = http("GET", service.url + "/openapi.json")
+    with open(os.path.join(ROOT, "mgeo_service", "openapi.json"), encoding="utf-8") as f:
+        assert status == 200 and served == json.load(f)
+
+
+def test_schemathesis_finds_nothing(service_factory):
+    service = service_factory().wait_ready()
+    result = subprocess.run(
+        ["schemathesis", "run", service.url + "/openapi.json", "--checks", "all", "--max-examples", "40",
+         "--workers", "2", "--seed", "20211"],
+        capture_output=True, text=True, timeout=300, cwd=ROOT,
+        env={**os.environ, "PATH": os.path.dirname(sys.executable) + os.pathsep + os.environ["PATH"]})
+    assert result.returncode == 0, result.stdout[-4000:]
+    assert "No issues found" in result.stdout
+    assert '"status": 500' not in service.log()
