@@ -18,7 +18,7 @@ from typing import Callable, Sequence
 import torch
 
 from . import metrics
-from .matcher import length_sorted_chunks
+from .matcher import forward_in_chunks
 
 log = logging.getLogger(__name__)
 
@@ -79,7 +79,12 @@ class MicroBatcher:
                     break
                 jobs.append(job)
                 waiting += len(job.encoded)
-            self._execute(jobs)
+            try:
+                self._execute(jobs)
+            except Exception as exc:  # this thread must live on, or every later request would hang
+                for job in jobs:
+                    if not job.done.is_set():
+                        self._fail(job, exc)
 
     def _execute(self, jobs: list[_Job]) -> None:
         try:
@@ -98,23 +103,19 @@ class MicroBatcher:
             job.done.set()
 
     def _forward_all(self, encoded: list[Encoded], jobs: list[_Job]) -> torch.Tensor:
-        started = time.perf_counter()
         if self._instrument:
+            started = time.perf_counter()
             for job in jobs:
                 waited = started - job.enqueued_at
                 for _ in job.encoded:
                     metrics.QUEUE_DURATION.observe(waited)
-        results = torch.empty((len(encoded), 0))
-        for chunk in length_sorted_chunks(encoded, self._max_pairs):
-            forward_started = time.perf_counter()
-            probabilities = self._forward([encoded[i] for i in chunk])
-            if self._instrument:
-                metrics.INFERENCE_DURATION.observe(time.perf_counter() - forward_started)
-                metrics.INFERENCE_BATCH_SIZE.observe(len(chunk))
-            if results.shape[1] == 0:
-                results = torch.empty((len(encoded), probabilities.shape[1]))
-            results[chunk] = probabilities
-        return results
+        return forward_in_chunks(self._forward, encoded, self._max_pairs,
+                                 self._observe_forward if self._instrument else None)
+
+    @staticmethod
+    def _observe_forward(pairs: int, seconds: float) -> None:
+        metrics.INFERENCE_DURATION.observe(seconds)
+        metrics.INFERENCE_BATCH_SIZE.observe(pairs)
 
     def _fail(self, job: _Job, exc: Exception) -> None:
         reason = failure_reason(exc)

@@ -14,7 +14,7 @@ import logging
 import os
 import time
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 from transformers import BertForSequenceClassification
@@ -76,6 +76,23 @@ def length_sorted_chunks(encoded: Sequence[tuple[list[int], list[int]]], size: i
     return [order[start:start + size] for start in range(0, len(order), size)]
 
 
+def forward_in_chunks(forward: Callable[[list], torch.Tensor], encoded: Sequence[tuple[list[int], list[int]]],
+                      size: int, on_forward: Callable[[int, float], None] | None = None) -> torch.Tensor:
+    """Probabilities for every encoded pair, in input order, from length-sorted forwards of at most ``size``.
+
+    ``on_forward(pairs, seconds)`` hears about each forward (the service's metrics).
+    """
+    rows: list[torch.Tensor | None] = [None] * len(encoded)
+    for chunk in length_sorted_chunks(encoded, size):
+        started = time.perf_counter()
+        probabilities = forward([encoded[i] for i in chunk])
+        if on_forward:
+            on_forward(len(chunk), time.perf_counter() - started)
+        for i, row in zip(chunk, probabilities):
+            rows[i] = row
+    return torch.stack(rows)
+
+
 class Matcher:
     """Loads a model directory once and scores batches of address pairs."""
 
@@ -117,11 +134,9 @@ class Matcher:
 
     def predict(self, pairs: Sequence[tuple[str, str]]) -> list[Prediction]:
         """One prediction per pair, in input order."""
-        encoded = self.encode(pairs)
-        probabilities: list[torch.Tensor | None] = [None] * len(encoded)
-        for chunk in length_sorted_chunks(encoded, self.batch_size):
-            for i, p in zip(chunk, self.forward([encoded[i] for i in chunk])):
-                probabilities[i] = p
+        if not pairs:
+            return []
+        probabilities = forward_in_chunks(self.forward, self.encode(pairs), self.batch_size)
         return [self.prediction(p) for p in probabilities]
 
     @torch.inference_mode()
