@@ -34,14 +34,21 @@ class SidecarSupervisor:
     def __init__(self):
         self._process: subprocess.Popen | None = None
         self._stopping = threading.Event()
+        self._spawning = threading.Lock()
 
     def start(self) -> "SidecarSupervisor":
+        # A worker forked while Popen waits for the sidecar's exec would inherit the write end
+        # of Popen's exec-status pipe, and Popen would block until that worker exits: the
+        # master's forks wait for a spawn in progress.
+        os.register_at_fork(before=self._spawning.acquire, after_in_parent=self._spawning.release,
+                            after_in_child=self._spawning.release)
         threading.Thread(target=self._run, name="sidecar-supervisor", daemon=True).start()
         return self
 
     def _run(self) -> None:
         while not self._stopping.is_set():
-            self._process = subprocess.Popen([sys.executable, "-m", "mgeo_service.sidecar"])
+            with self._spawning:
+                self._process = subprocess.Popen([sys.executable, "-m", "mgeo_service.sidecar"])
             # Poll, not wait(): the Gunicorn master reaps every child with waitpid(-1), and a
             # blocking wait can sleep through an exit that the master reaped first.
             while self._process.poll() is None and not self._stopping.wait(self.POLL_INTERVAL):
