@@ -19,11 +19,16 @@ $(STAMP): setup.cfg pyproject.toml
 run: install
 	$(VENV)/bin/mgeo-service serve
 
-# Debian's prometheus package brings the real server and promtool the tests use.
+# The tools the tests run for real: Debian's prometheus (server and promtool) and
+# docker-compose (parses the compose file), kubectl's kustomize (present on these machines),
+# and the custom-resource schemas from npm, pinned by tests/kubernetes/package-lock.json.
 test-tools:
-	@if ! command -v prometheus >/dev/null || ! command -v promtool >/dev/null; then \
-		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq prometheus; \
+	@if ! command -v prometheus >/dev/null || ! command -v promtool >/dev/null \
+			|| ! command -v docker-compose >/dev/null; then \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq prometheus docker-compose; \
 	fi
+	@command -v kubectl >/dev/null || (echo "kubectl (with kustomize) is needed: https://kubernetes.io/docs/tasks/tools/" >&2; exit 1)
+	@test -d tests/kubernetes/node_modules || npm ci --prefix tests/kubernetes --no-audit --no-fund
 
 test: install test-tools
 	$(PY) -m pytest

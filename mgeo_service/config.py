@@ -99,6 +99,12 @@ SETTINGS = {
     "MGEO_LOG_LEVEL": _setting("info", _choice("debug", "info", "warning", "error"), "log level"),
 }
 
+# Read by the libraries underneath, not by Settings; deployments may set them too.
+# `mgeo-service serve` sets PROMETHEUS_MULTIPROC_DIR to <tmp>/mgeo-metrics-<port> when unset.
+LIBRARY_VARIABLES = {
+    "PROMETHEUS_MULTIPROC_DIR": "folder of the workers' metric files, merged by the sidecar (prometheus_client)",
+}
+
 
 @dataclass(frozen=True)
 class Settings:

@@ -9,12 +9,16 @@ import subprocess
 import sys
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DATA = os.path.join(ROOT, "tests", "data")
+PROMETHEUS = os.path.join(ROOT, "prometheus")
+GRAFANA = os.path.join(ROOT, "grafana")
+RULE_FILES = [os.path.join(PROMETHEUS, "rules", f) for f in ("mgeo-recording.yml", "mgeo-alerts.yml")]
 
 
 def free_port() -> int:
@@ -50,6 +54,73 @@ def parse_metrics(text: str) -> dict[tuple[str, tuple], float]:
         for sample in family.samples:
             samples[(sample.name, tuple(sorted(sample.labels.items())))] = sample.value
     return samples
+
+
+class Prometheus:
+    """The real Prometheus with the shipped config and rules, scraping every second, finding the
+    service instances through a targets file in the shipped file_sd format."""
+
+    def __init__(self, tmp_path, targets: list[str]):
+        import yaml
+        with open(os.path.join(PROMETHEUS, "prometheus.yml")) as f:
+            config = yaml.safe_load(f)
+        config["global"] = {"scrape_interval": "1s", "evaluation_interval": "1s"}
+        config["rule_files"] = RULE_FILES
+        config["scrape_configs"] = [job for job in config["scrape_configs"] if job["job_name"] == "mgeo"]
+        with open(os.path.join(PROMETHEUS, "targets", "mgeo.json")) as f:
+            self.target_group = json.load(f)[0]
+        self.targets_file = tmp_path / "targets" / "mgeo.json"
+        self.targets_file.parent.mkdir()
+        self.set_targets(targets)
+        path = tmp_path / "prometheus.yml"
+        path.write_text(yaml.safe_dump(config))
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log_path = tmp_path / "prometheus.log"
+        self.log = open(self.log_path, "wb")
+        self.process = subprocess.Popen(
+            ["prometheus", f"--config.file={path}", f"--storage.tsdb.path={tmp_path / 'tsdb'}",
+             f"--web.listen-address=127.0.0.1:{self.port}"], stdout=self.log, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + 60
+        while not self._ready():
+            assert time.monotonic() < deadline, "prometheus did not start"
+            assert self.process.poll() is None, self.log_path.read_text()
+            time.sleep(0.3)
+
+    def set_targets(self, targets: list[str]) -> None:
+        self.targets_file.write_text(json.dumps([{**self.target_group, "targets": targets}]))
+
+    def _ready(self) -> bool:
+        try:
+            return http("GET", self.url + "/-/ready", timeout=2)[0] == 200
+        except OSError:
+            return False
+
+    def query(self, expr: str, at: float | None = None):
+        params = {"query": expr, **({"time": f"{at:.3f}"} if at is not None else {})}
+        status, _, body = http("GET", f"{self.url}/api/v1/query?{urllib.parse.urlencode(params)}")
+        return status, body
+
+    def values(self, expr: str, at: float | None = None) -> dict[tuple, float]:
+        """{sorted label pairs: value} of an instant query that must succeed."""
+        status, body = self.query(expr, at)
+        assert status == 200 and body["status"] == "success", (expr, body)
+        return {tuple(sorted(r["metric"].items())): float(r["value"][1]) for r in body["data"]["result"]}
+
+    def alerts(self) -> list[dict]:
+        return http("GET", self.url + "/api/v1/alerts")[2]["data"]["alerts"]
+
+    def wait_until(self, check, timeout: float, what: str):
+        deadline = time.monotonic() + timeout
+        while not (result := check()):
+            assert time.monotonic() < deadline, f"timed out waiting for {what}"
+            time.sleep(0.5)
+        return result
+
+    def stop(self) -> None:
+        self.process.terminate()
+        self.process.wait(30)
+        self.log.close()
 
 
 class Service:

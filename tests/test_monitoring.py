@@ -9,11 +9,8 @@ import urllib.parse
 
 import yaml
 
-from conftest import ROOT, free_port, http
+from conftest import GRAFANA, PROMETHEUS, ROOT, RULE_FILES, Prometheus, http
 
-PROMETHEUS = os.path.join(ROOT, "prometheus")
-GRAFANA = os.path.join(ROOT, "grafana")
-RULE_FILES = [os.path.join(PROMETHEUS, "rules", f) for f in ("mgeo-recording.yml", "mgeo-alerts.yml")]
 ALERTS = {"MGeoTargetDown", "MGeoNotReady", "MGeoErrorBudgetBurn", "MGeoLatencyP95High", "MGeoSuccessRateLow",
           "MGeoGPUMemoryHigh", "MGeoGPUTemperatureHigh", "MGeoNVMLDown", "MGeoWorkerRestarts"}
 DASHBOARDS = [os.path.join(GRAFANA, "dashboards", f) for f in ("mgeo-service.json", "mgeo-gpu.json")]
@@ -111,44 +108,6 @@ def test_dashboards_are_current_and_follow_the_rules():
         assert yaml.safe_load(f)["providers"][0]["type"] == "file"
 
 
-class Prometheus:
-    def __init__(self, tmp_path, scrape_targets):
-        with open(os.path.join(PROMETHEUS, "prometheus.yml")) as f:
-            config = yaml.safe_load(f)
-        config["global"] = {"scrape_interval": "1s", "evaluation_interval": "1s"}
-        config["rule_files"] = RULE_FILES
-        config["scrape_configs"] = [job for job in config["scrape_configs"] if job["job_name"] == "mgeo"]
-        config["scrape_configs"][0]["static_configs"] = [{"targets": scrape_targets}]
-        path = tmp_path / "prometheus.yml"
-        path.write_text(yaml.safe_dump(config))
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.log = open(tmp_path / "prometheus.log", "wb")
-        self.process = subprocess.Popen(
-            ["prometheus", f"--config.file={path}", f"--storage.tsdb.path={tmp_path / 'tsdb'}",
-             f"--web.listen-address=127.0.0.1:{self.port}"], stdout=self.log, stderr=subprocess.STDOUT)
-        deadline = time.monotonic() + 60
-        while not self._ready():
-            assert time.monotonic() < deadline, "prometheus did not start"
-            assert self.process.poll() is None, (tmp_path / "prometheus.log").read_text()
-            time.sleep(0.3)
-
-    def _ready(self) -> bool:
-        try:
-            return http("GET", self.url + "/-/ready", timeout=2)[0] == 200
-        except OSError:
-            return False
-
-    def query(self, expr):
-        status, _, body = http("GET", f"{self.url}/api/v1/query?query={urllib.parse.quote(expr)}")
-        return status, body
-
-    def stop(self):
-        self.process.terminate()
-        self.process.wait(30)
-        self.log.close()
-
-
 def substitute(expr):
     return expr.replace("$__rate_interval", "1m").replace("$job", ".*").replace("$instance", ".*")
 
@@ -186,15 +145,10 @@ def test_rules_and_panels_against_a_real_prometheus(service_factory, tmp_path):
         assert [r["metric"]["instance"] for r in instances] == [f"127.0.0.1:{service.metrics_port}"]
 
         service.stop()
-        deadline = time.monotonic() + 30
-        while True:
-            alerts = http("GET", prometheus.url + "/api/v1/alerts")[2]["data"]["alerts"]
-            down = [a for a in alerts if a["labels"]["alertname"] == "MGeoTargetDown"]
-            if down:
-                break
-            assert time.monotonic() < deadline, alerts
-            time.sleep(0.5)
+        down = prometheus.wait_until(lambda: [a for a in prometheus.alerts() if a["labels"]["alertname"] == "MGeoTargetDown"],
+                                     30, "MGeoTargetDown")
         assert down[0]["state"] in ("pending", "firing")
         assert down[0]["labels"]["instance"] == f"127.0.0.1:{service.metrics_port}"
+        assert down[0]["labels"]["job"] == "mgeo"
     finally:
         prometheus.stop()
