@@ -19,6 +19,7 @@ DATA = os.path.join(ROOT, "tests", "data")
 PROMETHEUS = os.path.join(ROOT, "prometheus")
 GRAFANA = os.path.join(ROOT, "grafana")
 RULE_FILES = [os.path.join(PROMETHEUS, "rules", f) for f in ("mgeo-recording.yml", "mgeo-alerts.yml")]
+DASHBOARDS = [os.path.join(GRAFANA, "dashboards", f) for f in ("mgeo-service.json", "mgeo-gpu.json")]
 
 
 def free_port() -> int:
@@ -54,6 +55,18 @@ def parse_metrics(text: str) -> dict[tuple[str, tuple], float]:
         for sample in family.samples:
             samples[(sample.name, tuple(sorted(sample.labels.items())))] = sample.value
     return samples
+
+
+def dashboard_queries(path: str) -> list[tuple[str, str]]:
+    """(panel title, PromQL with Grafana variables) for every query of a dashboard."""
+    with open(path) as f:
+        board = json.load(f)
+    return [(p["title"], t["expr"]) for p in board["panels"] for t in p["targets"]]
+
+
+def grafana_to_promql(expr: str, instance: str = ".*") -> str:
+    """A panel query as Grafana sends it with job "All" and the given instance selection."""
+    return expr.replace("$__rate_interval", "1m").replace("$job", ".*").replace("$instance", instance)
 
 
 class Prometheus:

@@ -5,15 +5,14 @@ import re
 import subprocess
 import sys
 import time
-import urllib.parse
 
 import yaml
 
-from conftest import GRAFANA, PROMETHEUS, ROOT, RULE_FILES, Prometheus, http
+from conftest import (DASHBOARDS, GRAFANA, PROMETHEUS, ROOT, RULE_FILES, Prometheus, dashboard_queries,
+                      grafana_to_promql, http)
 
 ALERTS = {"MGeoTargetDown", "MGeoNotReady", "MGeoErrorBudgetBurn", "MGeoLatencyP95High", "MGeoSuccessRateLow",
           "MGeoGPUMemoryHigh", "MGeoGPUTemperatureHigh", "MGeoNVMLDown", "MGeoWorkerRestarts"}
-DASHBOARDS = [os.path.join(GRAFANA, "dashboards", f) for f in ("mgeo-service.json", "mgeo-gpu.json")]
 
 
 def promtool(*args):
@@ -27,12 +26,6 @@ def rules(kind):
                 for rule in group["rules"]:
                     if kind in rule:
                         yield rule
-
-
-def dashboard_queries(path):
-    with open(path) as f:
-        board = json.load(f)
-    return [(p["title"], t["expr"]) for p in board["panels"] for t in p["targets"]]
 
 
 def test_promtool_checks_config_and_rules():
@@ -108,10 +101,6 @@ def test_dashboards_are_current_and_follow_the_rules():
         assert yaml.safe_load(f)["providers"][0]["type"] == "file"
 
 
-def substitute(expr):
-    return expr.replace("$__rate_interval", "1m").replace("$job", ".*").replace("$instance", ".*")
-
-
 def test_rules_and_panels_against_a_real_prometheus(service_factory, tmp_path):
     fake_gpu = {"gpus": [{"name": "NVIDIA H100", "uuid": "GPU-aaa", "util": 50, "used": 2 << 30,
                           "total": 80 << 30, "temp": 55, "power_mw": 100000}]}
@@ -138,9 +127,9 @@ def test_rules_and_panels_against_a_real_prometheus(service_factory, tmp_path):
 
         for path in DASHBOARDS:
             for title, expr in dashboard_queries(path):
-                status, body = prometheus.query(substitute(expr))
+                status, body = prometheus.query(grafana_to_promql(expr))
                 assert status == 200 and body["status"] == "success", (title, body)
-                assert body["data"]["result"], f"panel {title!r} shows no data: {substitute(expr)}"
+                assert body["data"]["result"], f"panel {title!r} shows no data: {grafana_to_promql(expr)}"
         instances = prometheus.query('group by (instance) (mgeo_request_total{job=~".*"})')[1]["data"]["result"]
         assert [r["metric"]["instance"] for r in instances] == [f"127.0.0.1:{service.metrics_port}"]
 
