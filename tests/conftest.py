@@ -13,6 +13,7 @@ import urllib.parse
 import urllib.request
 
 import pytest
+import yaml
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DATA = os.path.join(ROOT, "tests", "data")
@@ -74,17 +75,15 @@ class Prometheus:
     service instances through a targets file in the shipped file_sd format."""
 
     def __init__(self, tmp_path, targets: list[str]):
-        import yaml
         with open(os.path.join(PROMETHEUS, "prometheus.yml")) as f:
             config = yaml.safe_load(f)
         config["global"] = {"scrape_interval": "1s", "evaluation_interval": "1s"}
         config["rule_files"] = RULE_FILES
         config["scrape_configs"] = [job for job in config["scrape_configs"] if job["job_name"] == "mgeo"]
         with open(os.path.join(PROMETHEUS, "targets", "mgeo.json")) as f:
-            self.target_group = json.load(f)[0]
-        self.targets_file = tmp_path / "targets" / "mgeo.json"
-        self.targets_file.parent.mkdir()
-        self.set_targets(targets)
+            group = json.load(f)[0]
+        (tmp_path / "targets").mkdir()
+        (tmp_path / "targets" / "mgeo.json").write_text(json.dumps([{**group, "targets": targets}]))
         path = tmp_path / "prometheus.yml"
         path.write_text(yaml.safe_dump(config))
         self.port = free_port()
@@ -99,9 +98,6 @@ class Prometheus:
             assert time.monotonic() < deadline, "prometheus did not start"
             assert self.process.poll() is None, self.log_path.read_text()
             time.sleep(0.3)
-
-    def set_targets(self, targets: list[str]) -> None:
-        self.targets_file.write_text(json.dumps([{**self.target_group, "targets": targets}]))
 
     def _ready(self) -> bool:
         try:

@@ -228,10 +228,13 @@ def test_probe_paths_and_ports_answer_on_a_live_service(rendered, service_factor
     startup = main["startupProbe"]
     service.wait_until(lambda: probe(startup)[0] == 200, startup["failureThreshold"] * startup["periodSeconds"],
                        "the startup probe")
-    status, _, body = probe(main["livenessProbe"])
-    assert status == 200 and body["status"] == "alive"
-    status, _, body = probe(main["readinessProbe"])
-    assert status == 200 and body["status"] == "ready"
+    # Each worker loads its own model: once all have, every probe passes on whichever answers.
+    service.wait_until(lambda: service.metric("mgeo_model_ready") == int(env["MGEO_WORKERS"]), 60, "all workers")
+    for _ in range(10):
+        status, _, body = probe(main["livenessProbe"])
+        assert status == 200 and body["status"] == "alive"
+        status, _, body = probe(main["readinessProbe"])
+        assert status == 200 and body["status"] == "ready"
     monitor = one(docs, "ServiceMonitor")["spec"]["endpoints"][0]
     status, _, text = http("GET", f"http://127.0.0.1:{ports[monitor['port']]}{monitor['path']}")
     assert status == 200 and "mgeo_requests_inprogress" in text
