@@ -79,12 +79,12 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--out", required=True, help="where the model is written (Hugging Face layout)")
     train.add_argument("--splits", default="run/splits", help="where the train/validation/test splits are written")
     train.add_argument("--layers", type=int, default=4)
-    train.add_argument("--epochs", type=int, default=4)
+    train.add_argument("--epochs", type=int, default=5)
     train.add_argument("--batch-size", type=int, default=32)
     train.add_argument("--learning-rate", type=float, default=1e-4)
     train.add_argument("--seed", type=int, default=20211)
     train.add_argument("--threads", type=int, default=None)
-    train.add_argument("--shenzhen", type=int, default=0,
+    train.add_argument("--shenzhen", type=int, default=8000,
                        help="also train on this many Shenzhen pairs (same place as exact_match)")
     train.add_argument("--limit", type=int, default=None, help="use only the first N pairs of each split (smoke runs)")
     train.set_defaults(run=_train)
