@@ -84,7 +84,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--learning-rate", type=float, default=1e-4)
     train.add_argument("--seed", type=int, default=20211)
     train.add_argument("--threads", type=int, default=None)
-    train.add_argument("--shenzhen", type=int, default=8000,
+    train.add_argument("--shenzhen", type=int, default=16000,
                        help="also train on this many Shenzhen pairs (same place as exact_match)")
     train.add_argument("--limit", type=int, default=None, help="use only the first N pairs of each split (smoke runs)")
     train.set_defaults(run=_train)

@@ -13,7 +13,7 @@ from conftest import DATA
 
 # Set from what the shipped model measured on tests/data/address_pairs.tsv (see MODEL_CARD.md),
 # a little below it so that retraining noise does not fail the build.
-MACRO_F1_FLOOR = 0.50
+MACRO_F1_FLOOR = 0.60
 
 
 def test_prediction_fields(default_matcher):
