@@ -75,7 +75,7 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.set_defaults(run=_evaluate)
 
     train = commands.add_parser("train", help="train the default model from shared/data")
-    train.add_argument("--data", required=True, help="folder with ccks2021_address_pairs.tsv and admin_divisions/")
+    train.add_argument("--data", required=True, help="folder with ccks2021_address_pairs.tsv, shenzhen_address_pairs.tsv and admin_divisions/")
     train.add_argument("--out", required=True, help="where the model is written (Hugging Face layout)")
     train.add_argument("--splits", default="run/splits", help="where the train/validation/test splits are written")
     train.add_argument("--layers", type=int, default=4)
@@ -85,7 +85,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--seed", type=int, default=20211)
     train.add_argument("--threads", type=int, default=None)
     train.add_argument("--shenzhen", type=int, default=16000,
-                       help="also train on this many Shenzhen pairs (same place as exact_match)")
+                       help="also train on this many Shenzhen pairs (same place as exact_match; 0: none)")
     train.add_argument("--limit", type=int, default=None, help="use only the first N pairs of each split (smoke runs)")
     train.set_defaults(run=_train)
     return parser
