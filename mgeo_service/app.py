@@ -80,6 +80,12 @@ def _address(item: dict, name: str, where: str, max_chars: int) -> str:
     value = item[name]
     if not isinstance(value, str):
         raise ApiError(400, "invalid_address", f"{where}{name} must be a string")
+    try:
+        # JSON's \uXXXX escapes can spell a lone UTF-16 surrogate (\ud800), which no tokenizer takes.
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise ApiError(400, "invalid_unicode",
+                       f"{where}{name} holds an unpaired UTF-16 surrogate escape; send valid Unicode text") from None
     if not value.strip():
         raise ApiError(400, "invalid_address", f"{where}{name} must not be empty")
     if len(value) > max_chars:

@@ -76,9 +76,21 @@ def test_batch_keeps_input_order(client):
     ({"pairs": [PAIR, ["a", "b"]]}, "invalid_request"),
     ({"pairs": [PAIR] * 65}, "too_many_pairs"),
     ({"address1": "北" * 1001, "address2": "上海"}, "address_too_long"),
+    (b'{"address1": "\\ud800", "address2": "x"}', "invalid_unicode"),
+    (b'{"address1": "\\u5317\\udfff\\u4eac", "address2": "x"}', "invalid_unicode"),
+    (b'{"pairs": [{"address1": "a", "address2": "b"}, {"address1": "a", "address2": "\\udbff"}]}',
+     "invalid_unicode"),
 ])
 def test_bad_input_is_a_400(client, body, code):
     assert_error(post(client, body), 400, code)
+
+
+def test_encodable_code_points_from_escapes_are_scored(client):
+    # A surrogate pair is one character (U+1F3E0); noncharacters and controls are encodable text.
+    for escaped in ("\\ud83c\\udfe0", "\\uffff", "\\ufdd0", "\\u0000\\u5317", "\\ufffe"):
+        body = ('{"address1": "%s", "address2": "\\u5317\\u4eac"}' % escaped).encode()
+        response = post(client, body)
+        assert response.status_code == 200, (escaped, response.get_json())
 
 
 def test_error_messages_never_echo_addresses(client):

@@ -5,15 +5,16 @@ except for requests that were in flight in a killed worker: those the client saw
 (connection reset), and the server may or may not have counted them.
 """
 import collections
-import os
 import random
-import signal
 import threading
 import time
 
 from conftest import http
+from test_faults import kill_holding
 
-SOAK_SECONDS = 40
+KILLS = 5
+MIN_REQUESTS = 300
+LIMIT_SECONDS = 180  # a bound on a stalled run, not a pace: the soak ends on counts
 PAIR = {"address1": "北京市海淀区中关村大街1号", "address2": "北京海淀中关村街1号"}
 REQUESTS = [  # (method, path, body, headers)
     ("POST", "/predict", PAIR, None),
@@ -68,13 +69,13 @@ def test_soak_with_worker_kills(service_factory):
     threads = [threading.Thread(target=client, args=(i,)) for i in range(6)]
     for t in threads:
         t.start()
-    kills = 0
-    deadline = time.monotonic() + SOAK_SECONDS
-    while time.monotonic() < deadline:
-        time.sleep(rng.uniform(4, 8))
+    kills = held = 0
+    deadline = time.monotonic() + LIMIT_SECONDS
+    while (kills < KILLS or sum(seen.values()) < MIN_REQUESTS) and time.monotonic() < deadline:
+        time.sleep(rng.uniform(2, 5))
         workers = [pid for pid in service.children() if not is_sidecar(pid)]
-        if workers:
-            os.kill(rng.choice(workers), signal.SIGKILL)
+        if workers and kills < KILLS:
+            held += kill_holding(rng.choice(workers), service.port)
             kills += 1
     stop.set()
     for t in threads:
@@ -83,7 +84,7 @@ def test_soak_with_worker_kills(service_factory):
 
     after = by_status(service)
     increase = {status: after[status] - before.get(status, 0) for status in after}
-    assert kills >= 3 and sum(seen.values()) > 200
+    assert kills == KILLS and sum(seen.values()) >= MIN_REQUESTS
     assert set(seen) >= {"200", "400", "404", "405", "415"}
     for status, count in seen.items():
         # the server counted everything the clients saw; it may also have counted a
@@ -91,4 +92,4 @@ def test_soak_with_worker_kills(service_factory):
         assert increase.get(status, 0) >= count, (status, increase, seen)
     extra = sum(increase.values()) - sum(seen.values())
     assert 0 <= extra <= len(failed), (increase, seen, failed)
-    assert len(failed) <= 4 * kills  # at most the killed worker's threads each time
+    assert len(failed) <= held  # at most the connections the killed workers held
