@@ -3,8 +3,12 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
+# ModelScope's own MGeo classes, the reference in tests/test_modelscope.py; they need transformers<5,
+# so they live apart from the service's venv.
+MODELSCOPE_VENV := .venv-modelscope
+MODELSCOPE_STAMP := $(MODELSCOPE_VENV)/.installed
 
-.PHONY: install run test test-tools bench train clean
+.PHONY: install run test test-tools bench train train-teacher clean
 
 install: $(STAMP)
 
@@ -19,10 +23,17 @@ $(STAMP): setup.cfg pyproject.toml
 run: install
 	$(VENV)/bin/mgeo-service serve
 
+$(MODELSCOPE_STAMP):
+	test -x $(MODELSCOPE_VENV)/bin/python || $(PYTHON) -m venv $(MODELSCOPE_VENV)
+	$(MODELSCOPE_VENV)/bin/pip install -q torch==2.13.0
+	$(MODELSCOPE_VENV)/bin/pip install -q modelscope==1.40.2 'transformers<5' addict
+	touch $(MODELSCOPE_STAMP)
+
 # The tools the tests run for real: Debian's prometheus (server and promtool) and
 # docker-compose (parses the compose file), kubectl's kustomize (present on these machines),
 # and the custom-resource schemas from npm, pinned by tests/kubernetes/package-lock.json.
-test-tools:
+# And ModelScope's venv (above).
+test-tools: $(MODELSCOPE_STAMP)
 	@if ! command -v prometheus >/dev/null || ! command -v promtool >/dev/null \
 			|| ! command -v docker-compose >/dev/null; then \
 		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq prometheus docker-compose; \
@@ -39,9 +50,16 @@ bench: install
 	$(PY) -m pip install -q -e '.[bench]'
 	$(PY) bench/run.py
 
+# The student stage: the shipped weights, from the committed teacher soft labels (CPU, about 70 minutes).
 train: install
 	$(PY) -m pip install -q -e '.[train]'
 	$(VENV)/bin/mgeo-service train --data ../shared/data --out mgeo_service/models/default --splits run/splits
 
+# The teacher stage, run once to write mgeo_service/train/distillation/ (a GPU: about 6 minutes).
+train-teacher: install
+	$(PY) -m pip install -q -e '.[train]'
+	$(VENV)/bin/mgeo-service train --stage teacher --data ../shared/data --splits run/splits --device $(or $(DEVICE),cuda) \
+		--epochs 4 --batch-size 64 --learning-rate 5e-5 --shenzhen 16000 --contrast 12000 --unlabelled 6000
+
 clean:
-	rm -rf $(VENV) run *.egg-info
+	rm -rf $(VENV) $(MODELSCOPE_VENV) run *.egg-info
