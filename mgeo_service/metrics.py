@@ -39,6 +39,9 @@ MODEL_READY = Gauge(
 MODEL_INFO = Gauge(
     "mgeo_model_info", "The model each worker serves (value 1).",
     ["model", "version", "device"], multiprocess_mode="livemax")
+WORKERS_NOT_READY = Gauge(
+    "mgeo_workers_not_ready", "Workers whose last readiness check failed, by reason (alerts carry the reason).",
+    ["reason"], multiprocess_mode="livesum")
 READINESS_FAILURES = Counter(
     "mgeo_readiness_failures", "Readiness checks that failed, by reason.", ["reason"])
 WORKER_STARTS = Counter("mgeo_worker_starts", "Gunicorn worker processes started.")

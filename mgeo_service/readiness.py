@@ -14,6 +14,9 @@ from .loader import READY, ModelLoader
 log = logging.getLogger(__name__)
 
 PROBE_PAIR = ("北京", "北京市")
+# Every reason a readiness check can give; README "Health" and the MGeoReadinessFailing alert know them.
+REASONS = ("model_loading", "model_load_failed", "tokenizer_failed", "model_forward_failed", "cuda_unavailable",
+           "insufficient_gpu_memory")
 
 
 @dataclass(frozen=True)
@@ -58,6 +61,8 @@ class Readiness:
             else:
                 log.warning("worker is not ready: %s", result.reason)
         metrics.MODEL_READY.set(1 if result.ready else 0)
+        for reason in REASONS:  # this worker's one current reason is 1, the others 0
+            metrics.WORKERS_NOT_READY.labels(reason).set(1 if result.reason == reason else 0)
         if not result.ready and result.reason != "model_loading":
             metrics.READINESS_FAILURES.labels(result.reason).inc()
 

@@ -16,7 +16,7 @@ from mgeo_service.config import LIBRARY_VARIABLES, SETTINGS, load_settings
 KUBERNETES = os.path.join(ROOT, "deploy", "kubernetes")
 VALIDATOR = os.path.join(ROOT, "tests", "kubernetes")
 KUBERNETES_VERSION = "1.32"
-CUSTOM_KINDS = {"ServiceMonitor", "PodMonitor", "PrometheusRule", "ScaledObject"}
+CUSTOM_KINDS = {"ServiceMonitor", "PodMonitor", "PrometheusRule", "AlertmanagerConfig", "ScaledObject"}
 # The shipped variants: the two overlays, and the base with every alternative component.
 VARIANTS = {
     "cpu": ["overlays/cpu"],
@@ -25,10 +25,18 @@ VARIANTS = {
 }
 
 
+class _Loader(yaml.SafeLoader):
+    """YAML 1.2 as Kubernetes reads it: a bare `=` (an AlertmanagerConfig matchType) is a string,
+    not PyYAML's YAML 1.1 'value' tag."""
+
+
+_Loader.add_constructor("tag:yaml.org,2002:value", lambda loader, node: loader.construct_scalar(node))
+
+
 def kustomize(path: str) -> list[dict]:
     result = subprocess.run(["kubectl", "kustomize", path], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
-    return [doc for doc in yaml.safe_load_all(result.stdout) if doc]
+    return [doc for doc in yaml.load_all(result.stdout, Loader=_Loader) if doc]
 
 
 @pytest.fixture(scope="module")
@@ -63,7 +71,7 @@ def environment(docs) -> dict[str, str]:
 
 def test_each_variant_renders_its_objects(rendered):
     kinds = {name: sorted(d["kind"] for d in docs) for name, docs in rendered.items()}
-    core = ["Deployment", "PodDisruptionBudget", "PrometheusRule", "Service"]
+    core = ["AlertmanagerConfig", "Deployment", "PodDisruptionBudget", "PrometheusRule", "Service"]
     assert kinds["cpu"] == sorted(core + ["Namespace", "ScaledObject", "ServiceMonitor"])
     assert kinds["gpu"] == sorted(core + ["Namespace", "PersistentVolumeClaim", "ScaledObject", "ServiceMonitor"])
     assert kinds["alternatives"] == sorted(core + ["HorizontalPodAutoscaler", "PersistentVolumeClaim", "PodMonitor"])
@@ -117,6 +125,28 @@ def test_the_prometheusrule_is_generated_from_the_rule_files(rendered):
     assert len(set(names)) == len(names), "the operator refuses a PrometheusRule with two groups of one name"
     for docs in rendered.values():
         assert one(docs, "PrometheusRule")["spec"]["groups"] == groups
+
+
+def test_the_alertmanagerconfig_is_generated_from_alertmanager_yml(rendered):
+    sys.path.insert(0, KUBERNETES)
+    try:
+        import generate_alertmanagerconfig as generator
+    finally:
+        sys.path.remove(KUBERNETES)
+    with open(generator.OUTPUT, encoding="utf-8") as f:
+        assert f.read() == generator.render(), "stale: run python deploy/kubernetes/generate_alertmanagerconfig.py"
+    with open(generator.SOURCE, encoding="utf-8") as f:
+        source = yaml.safe_load(f)
+    for docs in rendered.values():
+        spec = one(docs, "AlertmanagerConfig")["spec"]
+        routes = {tuple(m["value"] for m in r["matchers"]): (r["receiver"], r["groupWait"], r["groupInterval"],
+                                                             r["repeatInterval"]) for r in spec["route"]["routes"]}
+        assert routes == {tuple(m.split('"')[1] for m in r["matchers"]): (
+            r["receiver"], r["group_wait"], r["group_interval"], r["repeat_interval"])
+            for r in source["route"]["routes"]}
+        assert set(routes) == {("page",), ("ticket",), ("warning",)}
+        assert spec["route"]["groupBy"] == ["alertname", "instance"]
+        assert len(spec["inhibitRules"]) == len(source["inhibit_rules"])
 
 
 def test_the_deployment_follows_the_contract(rendered):
@@ -245,14 +275,14 @@ def test_the_compose_file_parses_and_mounts_what_exists():
                             text=True, cwd=ROOT, timeout=60)
     assert result.returncode == 0, result.stderr
     compose = yaml.safe_load(result.stdout)
-    assert set(compose["services"]) == {"mgeo", "prometheus", "grafana", "node-exporter"}
+    assert set(compose["services"]) == {"mgeo", "prometheus", "alertmanager", "grafana", "node-exporter"}
     for name, spec in compose["services"].items():
         for volume in spec.get("volumes", []):
             source = volume["source"] if isinstance(volume, dict) else volume.split(":")[0]
             if source.startswith("/") and source.startswith(ROOT):
                 assert os.path.exists(source), (name, source)
     targets_dir = os.path.join(ROOT, "deploy", "compose", "targets")
-    for job in ("mgeo", "node"):
+    for job in ("mgeo", "node", "alertmanager"):
         with open(os.path.join(targets_dir, f"{job}.json")) as f:
             groups = json.load(f)
         assert groups and all(isinstance(g["targets"], list) for g in groups)

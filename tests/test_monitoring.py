@@ -11,7 +11,7 @@ import yaml
 from conftest import (DASHBOARDS, GRAFANA, PROMETHEUS, ROOT, RULE_FILES, Prometheus, dashboard_queries,
                       grafana_to_promql, http)
 
-ALERTS = {"MGeoTargetDown", "MGeoNotReady", "MGeoErrorBudgetBurn", "MGeoLatencyP95High", "MGeoSuccessRateLow",
+ALERTS = {"MGeoTargetDown", "MGeoNotReady", "MGeoReadinessFailing", "MGeoErrorBudgetBurn", "MGeoLatencyP95High", "MGeoSuccessRateLow",
           "MGeoGPUMemoryHigh", "MGeoGPUTemperatureHigh", "MGeoNVMLDown", "MGeoWorkerRestarts"}
 
 
