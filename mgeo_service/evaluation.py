@@ -40,6 +40,13 @@ def evaluate(matcher, pairs: Sequence[LabelledPair]) -> dict:
     seconds = time.perf_counter() - started
     report = classification_report([p.label for p in pairs],
                                    [LABELS.index(pr.label) for pr in predictions])
+    kinds = sorted({p.kind for p in pairs if p.kind})
+    if kinds:
+        right = [LABELS.index(pr.label) == p.label for p, pr in zip(pairs, predictions)]
+        report["by_kind"] = {kind: {"pairs": sum(1 for p in pairs if p.kind == kind),
+                                    "accuracy": round(sum(r for p, r in zip(pairs, right) if p.kind == kind)
+                                                      / sum(1 for p in pairs if p.kind == kind), 4)}
+                             for kind in kinds}
     report.update({
         "pairs": len(pairs),
         "seconds": round(seconds, 3),

@@ -35,6 +35,7 @@ class E5Weights:
     intermediate: int
     eps: float
     pieces: list[str]
+    scores: list[float]  # SentencePiece unigram log-probabilities, one per piece
     special: dict[str, int]  # bos, eos, pad, unk -> piece id
     tensors: dict[str, np.ndarray]  # BERT names, e.g. "encoder.layer.0.attention.self.query.weight"
 
@@ -71,7 +72,9 @@ def read_e5(path: str | None = None) -> E5Weights:
     (blob_len,) = struct.unpack_from("<Q", data, offset)
     offset += 8
     offs = np.frombuffer(data, np.uint32, n_pieces + 1, offset)
-    offset += 4 * (n_pieces + 1) + 4 * n_pieces  # offsets, then scores (unused)
+    offset += 4 * (n_pieces + 1)
+    scores = np.frombuffer(data, np.float32, n_pieces, offset).tolist()
+    offset += 4 * n_pieces
     blob = data[offset:offset + blob_len]
     offset += blob_len
     _n_norm, norm_bytes = struct.unpack_from("<iI", data, offset)
@@ -111,5 +114,52 @@ def read_e5(path: str | None = None) -> E5Weights:
             cols = None if short.endswith(("b", "ln.w")) else ff if short == "fo.w" else hidden
             tensors[f"encoder.layer.{layer}.{long}"] = tensor(f"l{layer}.{short}", cols)
     return E5Weights(hidden=hidden, layers=layers, heads=heads, intermediate=ff, eps=eps,
-                     pieces=pieces, special={"bos": bos, "eos": eos, "pad": pad, "unk": unk},
+                     pieces=pieces, scores=scores, special={"bos": bos, "eos": eos, "pad": pad, "unk": unk},
                      tensors=tensors)
+
+
+def sentencepiece_tokenizer(e5: E5Weights, max_length: int):
+    """e5's own tokenizer (XLM-R's unigram SentencePiece), rebuilt from the file's pieces and scores.
+
+    Pairs are ``<s> a </s> </s> b </s>``, all of segment 0, as XLM-R writes them.
+    """
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
+
+    tokenizer = Tokenizer(models.Unigram(list(zip(e5.pieces, e5.scores)), unk_id=e5.special["unk"]))
+    tokenizer.normalizer = normalizers.NFKC()
+    tokenizer.pre_tokenizer = pre_tokenizers.Metaspace()
+    bos, eos = e5.pieces[e5.special["bos"]], e5.pieces[e5.special["eos"]]
+    tokenizer.post_processor = processors.TemplateProcessing(
+        single=f"{bos} $A {eos}", pair=f"{bos} $A {eos} {eos} $B {eos}",
+        special_tokens=[(bos, e5.special["bos"]), (eos, e5.special["eos"])])
+    tokenizer.enable_truncation(max_length, strategy="longest_first")
+    return tokenizer
+
+
+def bert_from_e5(e5: E5Weights, layers: int, word_embeddings: np.ndarray):
+    """A 3-way ``BertForSequenceClassification`` from e5's bottom ``layers`` layers and the given
+    word embeddings (one row per token of the tokenizer it will read); pooler and head at random."""
+    import torch
+    from transformers import BertConfig, BertForSequenceClassification
+
+    from ..checkpoint import LABELS
+
+    config = BertConfig(vocab_size=len(word_embeddings), hidden_size=e5.hidden, num_hidden_layers=layers,
+                        num_attention_heads=e5.heads, intermediate_size=e5.intermediate,
+                        max_position_embeddings=512, type_vocab_size=2, layer_norm_eps=e5.eps,
+                        num_labels=len(LABELS), id2label=dict(enumerate(LABELS)),
+                        label2id={label: i for i, label in enumerate(LABELS)})
+    model = BertForSequenceClassification(config)
+    state = {"bert.embeddings.word_embeddings.weight": word_embeddings}
+    for name, value in e5.tensors.items():
+        if name.startswith("encoder.layer.") and int(name.split(".")[2]) >= layers:
+            continue
+        if name != "embeddings.word_embeddings.weight":
+            state["bert." + name] = value
+    # e5 was trained with one segment type; both start from it and drift apart in fine-tuning.
+    type0 = state["bert.embeddings.token_type_embeddings.weight"][0]
+    state["bert.embeddings.token_type_embeddings.weight"] = np.stack([type0, type0])
+    missing, _ = model.load_state_dict({k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in state.items()},
+                                       strict=False)
+    assert all(k.startswith(("bert.pooler.", "classifier.")) for k in missing), missing
+    return model

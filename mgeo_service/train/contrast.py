@@ -1,0 +1,269 @@
+"""Contrast pairs: one real address against a copy with one change whose label is known.
+
+The model must learn that a place is its administrative divisions, road and number,
+not its characters: two districts of one city are two places however many characters
+they share, and 北京市海淀区 is 北京海淀. Each kind changes one thing:
+
+not_match     other_district (a sibling district of the same city), same_name_other_city
+              (北京市朝阳区 / 长春市朝阳区), other_number (another house number), other_road
+              (another road of the same district, taken from another real address)
+exact_match   drop_province_city, drop_suffixes (省/市/区/县 dropped), number_forms (1号 /
+              一号, full-width digits), spacing (spaces and punctuation)
+partial_match add_detail: a building, floor, room or shop added (CCKS labels such pairs
+              partial: of its pairs where one address extends the other, 276 are partial,
+              161 not_match, 72 exact)
+
+Addresses are parsed against ``admin_divisions/`` (the 2023 divisions of China).
+"""
+from __future__ import annotations
+
+import csv
+import os
+import random
+import re
+from collections import defaultdict
+from dataclasses import dataclass
+
+from ..dataset import LabelledPair
+
+NOT_MATCH, PARTIAL_MATCH, EXACT_MATCH = 0, 1, 2
+KINDS = {
+    "other_district": NOT_MATCH, "same_name_other_city": NOT_MATCH, "other_number": NOT_MATCH,
+    "other_road": NOT_MATCH, "drop_province_city": EXACT_MATCH, "drop_suffixes": EXACT_MATCH,
+    "number_forms": EXACT_MATCH, "spacing": EXACT_MATCH, "add_detail": PARTIAL_MATCH,
+}
+_PROVINCE_SUFFIXES = ("维吾尔自治区", "壮族自治区", "回族自治区", "特别行政区", "自治区", "省", "市")
+_AREA_SUFFIXES = ("区", "县", "市")
+_NUMBER = re.compile(r"(?<![\d-])(\d{1,4})号")
+_ROAD = re.compile(r"[\u4e00-\u9fff]{2,6}?(?:大道|大街|路|街)")
+_DETAIL = re.compile(r"[室层楼栋座铺]|单元")
+_DIGITS = "零一二三四五六七八九"
+
+
+@dataclass(frozen=True)
+class Division:
+    code: str
+    name: str
+    short: str
+    parent: str  # city code for an area, province code for a city
+
+
+@dataclass
+class Parsed:
+    """Where the divisions sit in an address: [start, end) spans, end of the prefix."""
+    address: str
+    province: Division | None
+    city: Division | None
+    area: Division
+    province_span: tuple[int, int] | None
+    city_span: tuple[int, int] | None
+    area_span: tuple[int, int]
+
+    @property
+    def rest(self) -> str:
+        return self.address[self.area_span[1]:]
+
+
+def _short(name: str, suffixes: tuple[str, ...]) -> str:
+    for suffix in suffixes:
+        if name.endswith(suffix) and len(name) - len(suffix) >= 2:
+            return name[:-len(suffix)]
+    return name
+
+
+class Gazetteer:
+    """Provinces, cities and districts by name, from ``admin_divisions/``."""
+
+    def __init__(self, data_dir: str):
+        folder = os.path.join(data_dir, "admin_divisions")
+        rows = {}
+        for file in ("provinces", "cities", "areas"):
+            with open(os.path.join(folder, f"{file}.csv"), encoding="utf-8") as f:
+                rows[file] = list(csv.DictReader(f))
+        self.provinces = {r["code"]: Division(r["code"], r["name"], _short(r["name"], _PROVINCE_SUFFIXES), "")
+                          for r in rows["provinces"]}
+        # 市辖区 and 县 stand for a municipality's own districts: the province names the city.
+        self.cities = {r["code"]: Division(r["code"], r["name"], _short(r["name"], ("市", "地区", "盟")),
+                                           r["provinceCode"])
+                       for r in rows["cities"] if r["name"] not in ("市辖区", "县", "省直辖县级行政区划")}
+        self.areas = [Division(r["code"], r["name"], _short(r["name"], _AREA_SUFFIXES), r["cityCode"])
+                      for r in rows["areas"] if r["name"] != "市辖区"]
+        self.areas_by_name = defaultdict(list)
+        self.areas_by_city = defaultdict(list)
+        for area in self.areas:
+            self.areas_by_name[area.name].append(area)
+            self.areas_by_city[area.parent].append(area)
+
+    def province_of(self, area: Division) -> Division:
+        return self.provinces[area.code[:2]]
+
+    def city_of(self, area: Division) -> Division | None:
+        return self.cities.get(area.parent)
+
+    def parse(self, address: str) -> Parsed | None:
+        """The province, city and district an address starts with; None without a district."""
+        pos = 0
+        province = city = None
+        province_span = city_span = None
+        for candidate in self.provinces.values():
+            for name in (candidate.name, candidate.short):
+                if address.startswith(name):
+                    province, province_span, pos = candidate, (0, len(name)), len(name)
+                    break
+            if province:
+                break
+        for candidate in self.cities.values():
+            if province and candidate.parent != province.code:
+                continue
+            if address.startswith(candidate.name, pos):
+                city, city_span, pos = candidate, (pos, pos + len(candidate.name)), pos + len(candidate.name)
+                break
+        for area in sorted(self.areas_by_name.get(_longest_area_name(self, address, pos), []),
+                           key=lambda a: a.code):
+            if city and area.parent != city.code:
+                continue
+            if province and area.code[:2] != province.code:
+                continue
+            if not city and not province and len(self.areas_by_name[area.name]) > 1:
+                return None  # 朝阳区 alone: which city is meant is unknown
+            end = pos + len(area.name)
+            if end >= len(address):
+                return None
+            return Parsed(address, province, city, area, province_span, city_span, (pos, end))
+        return None
+
+
+def _longest_area_name(gazetteer: Gazetteer, address: str, pos: int) -> str:
+    for length in range(8, 1, -1):
+        if address[pos:pos + length] in gazetteer.areas_by_name:
+            return address[pos:pos + length]
+    return ""
+
+
+def hanzi_number(n: int) -> str:
+    """12 -> 十二, 101 -> 一百零一, 2000 -> 二千 (house-number style)."""
+    if n < 10:
+        return _DIGITS[n]
+    if n < 20:
+        return "十" + (_DIGITS[n % 10] if n % 10 else "")
+    if n < 100:
+        return _DIGITS[n // 10] + "十" + (_DIGITS[n % 10] if n % 10 else "")
+    if n < 1000:
+        rest = n % 100
+        tail = "" if not rest else ("零" + _DIGITS[rest] if rest < 10 else
+                                    ("一" + hanzi_number(rest) if rest < 20 else hanzi_number(rest)))
+        return _DIGITS[n // 100] + "百" + tail
+    rest = n % 1000
+    return _DIGITS[n // 1000] + "千" + ("" if not rest else ("零" if rest < 100 else "") + hanzi_number(rest))
+
+
+def full_width(text: str) -> str:
+    return "".join(chr(ord(c) + 0xFEE0) if "0" <= c <= "9" else c for c in text)
+
+
+class ContrastGenerator:
+    """Makes (original, changed, label, kind) from real addresses, seeded."""
+
+    def __init__(self, gazetteer: Gazetteer, addresses: list[str], seed: int):
+        self.gazetteer = gazetteer
+        self.rng = random.Random(seed)
+        self.parsed = [p for p in map(gazetteer.parse, addresses) if p]
+        self.roads_by_area = defaultdict(set)
+        for p in self.parsed:
+            road = _ROAD.match(p.rest)
+            if road:
+                self.roads_by_area[p.area.code].add(road.group())
+
+    def pairs(self, count: int) -> list[LabelledPair]:
+        """``count`` pairs, the kinds in turn; a kind that does not apply to an address is skipped."""
+        order = list(range(len(self.parsed)))
+        self.rng.shuffle(order)
+        kinds = list(KINDS)
+        out, seen = [], set()
+        for i, index in enumerate(order * 3):
+            if len(out) >= count:
+                break
+            kind = kinds[i % len(kinds)]
+            changed = getattr(self, kind)(self.parsed[index])
+            original = self.parsed[index].address
+            if not changed or changed == original or (original, changed) in seen:
+                continue
+            seen.add((original, changed))
+            if KINDS[kind] == NOT_MATCH and self.rng.random() < 0.3:
+                original = self.drop_suffixes(self.parsed[index]) or original  # both changes at once
+            out.append(LabelledPair(original, changed, KINDS[kind], kind))
+        return out
+
+    def _prefix(self, p: Parsed, province: Division | None, city: Division | None, area: Division,
+                short: bool = False) -> str:
+        parts = [d for d in (province, city) if d] + [area]
+        return "".join(d.short if short else d.name for d in parts)
+
+    def other_district(self, p: Parsed) -> str | None:
+        siblings = [a for a in self.gazetteer.areas_by_city[p.area.parent] if a.name != p.area.name]
+        if not siblings:
+            return None
+        other = self.rng.choice(siblings)
+        return p.address[:p.area_span[0]] + other.name + p.rest
+
+    def same_name_other_city(self, p: Parsed) -> str | None:
+        others = [a for a in self.gazetteer.areas_by_name[p.area.name] if a.parent != p.area.parent]
+        if not others or not (p.city or p.province):
+            return None
+        other = self.rng.choice(others)
+        province, city = self.gazetteer.province_of(other), self.gazetteer.city_of(other)
+        return self._prefix(p, province, city, other) + p.rest
+
+    def other_number(self, p: Parsed) -> str | None:
+        match = _NUMBER.search(p.rest)
+        if not match:
+            return None
+        n = int(match.group(1))
+        other = max(1, n + self.rng.choice([-1, 1]) * self.rng.randint(1, max(3, n // 2)))
+        if other == n:
+            other = n + 2
+        start = p.area_span[1] + match.start(1)
+        return p.address[:start] + str(other) + p.address[start + len(match.group(1)):]
+
+    def other_road(self, p: Parsed) -> str | None:
+        road = _ROAD.match(p.rest)
+        if not road:
+            return None
+        others = sorted(self.roads_by_area[p.area.code] - {road.group()})
+        if not others:
+            return None
+        return p.address[:p.area_span[1]] + self.rng.choice(others) + p.rest[road.end():]
+
+    def drop_province_city(self, p: Parsed) -> str | None:
+        if not (p.province or p.city):
+            return None
+        return p.address[p.area_span[0]:]
+
+    def drop_suffixes(self, p: Parsed) -> str | None:
+        city = p.city if p.city_span else None
+        province = p.province if p.province_span else None
+        shortened = self._prefix(p, province, city, p.area, short=True) + p.rest
+        return shortened if shortened != p.address else None
+
+    def number_forms(self, p: Parsed) -> str | None:
+        match = _NUMBER.search(p.rest)
+        if not match:
+            return None
+        start = p.area_span[1] + match.start(1)
+        digits = match.group(1)
+        form = hanzi_number(int(digits)) if int(digits) <= 9999 and self.rng.random() < 0.6 else full_width(digits)
+        return p.address[:start] + form + p.address[start + len(digits):]
+
+    def spacing(self, p: Parsed) -> str | None:
+        head, rest = p.address[:p.area_span[1]], p.rest
+        return self.rng.choice([f"{head} {rest}", f"{head}，{rest}", f"{head}{rest}。", f" {head}  {rest} "])
+
+    def add_detail(self, p: Parsed) -> str | None:
+        if _DETAIL.search(p.rest):
+            return None
+        rng = self.rng
+        detail = rng.choice([f"{rng.randint(1, 30)}栋{rng.randint(1, 30)}0{rng.randint(1, 9)}室",
+                             f"{rng.choice('ABCD')}座{rng.randint(2, 40)}楼",
+                             f"{rng.randint(1, 6)}单元{rng.randint(1, 20)}0{rng.randint(1, 4)}",
+                             f"{rng.randint(1, 5)}层{rng.randint(101, 150)}号铺"])
+        return p.address + detail

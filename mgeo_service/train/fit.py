@@ -1,0 +1,153 @@
+"""The fine-tuning loop both stages share: length-bucketed batches, AdamW, optional distillation.
+
+An example is ``(input_ids, token_type_ids, label, soft)``: ``label`` is -1 for a pair only the
+teacher labels, ``soft`` the teacher's logits (or None when nothing is distilled).
+"""
+from __future__ import annotations
+
+import logging
+import math
+import random
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from ..checkpoint import LABELS
+from ..dataset import LabelledPair
+from ..evaluation import classification_report
+
+log = logging.getLogger(__name__)
+
+EncodePairs = Callable[[list[str], list[str]], list[tuple[list[int], list[int]]]]
+
+
+def encode(encode_pairs: EncodePairs, pairs: Sequence[LabelledPair], both_orders: bool,
+           soft: Callable[[str, str], np.ndarray | None] | None = None) -> list[tuple]:
+    """Examples for ``pairs`` (and the pairs reversed, with ``both_orders``)."""
+    ordered = [(p.address1, p.address2, p.label) for p in pairs]
+    if both_orders:
+        ordered += [(p.address2, p.address1, p.label) for p in pairs]
+    tokens = encode_pairs([a for a, _, _ in ordered], [b for _, b, _ in ordered])
+    return [(ids, types, label, soft(a, b) if soft else None)
+            for (ids, types), (a, b, label) in zip(tokens, ordered)]
+
+
+def batches(examples, batch_size: int, rng: random.Random | None) -> list[list[int]]:
+    """Length-bucketed batches: shuffled within pools of 50 batches when training."""
+    order = list(range(len(examples)))
+    if rng:
+        rng.shuffle(order)
+    pool = batch_size * 50
+    out = []
+    for start in range(0, len(order), pool):
+        chunk = sorted(order[start:start + pool], key=lambda i: len(examples[i][0]))
+        out += [chunk[i:i + batch_size] for i in range(0, len(chunk), batch_size)]
+    if rng:
+        rng.shuffle(out)
+    return out
+
+
+def collate(examples, index, device):
+    width = max(len(examples[i][0]) for i in index)
+    ids = torch.zeros((len(index), width), dtype=torch.long)
+    types = torch.zeros_like(ids)
+    mask = torch.zeros_like(ids)
+    for row, i in enumerate(index):
+        input_ids, type_ids = examples[i][0], examples[i][1]
+        ids[row, :len(input_ids)] = torch.tensor(input_ids)
+        types[row, :len(type_ids)] = torch.tensor(type_ids)
+        mask[row, :len(input_ids)] = 1
+    labels = torch.tensor([examples[i][2] for i in index])
+    soft = (torch.tensor(np.stack([examples[i][3] for i in index]), dtype=torch.float32)
+            if examples[index[0]][3] is not None else None)
+    return ids.to(device), types.to(device), mask.to(device), labels.to(device), soft
+
+
+@torch.inference_mode()
+def logits_of(model, examples, device="cpu", batch_size: int = 128) -> torch.Tensor:
+    model.eval()
+    out = torch.zeros((len(examples), len(LABELS)))
+    for index in batches(examples, batch_size, None):
+        ids, types, mask, _, _ = collate(examples, index, device)
+        with _autocast(device):
+            out[index] = model(input_ids=ids, token_type_ids=types, attention_mask=mask).logits.float().cpu()
+    return out
+
+
+def _autocast(device):
+    # bf16 on a GPU; on a CPU without AMX bf16 is slower than fp32, so plain fp32 there.
+    return torch.autocast("cuda", dtype=torch.bfloat16, enabled=torch.device(device).type == "cuda")
+
+
+def macro_f1(logits: torch.Tensor, labels: list[int], bias=None) -> float:
+    scores = logits if bias is None else logits + torch.tensor(bias)
+    return classification_report(labels, scores.argmax(-1).tolist())["macro_f1"]
+
+
+def calibrate_bias(logits: torch.Tensor, labels: list[int]) -> list[float]:
+    """Output biases (not_match fixed at 0) that maximise macro-F1, on a coarse grid."""
+    grid = [x / 4 for x in range(-12, 13)]
+    best = max(((0.0, b1, b2) for b1 in grid for b2 in grid),
+               key=lambda bias: (macro_f1(logits, labels, bias), -abs(bias[1]) - abs(bias[2])))
+    return list(best)
+
+
+def class_weights(examples) -> torch.Tensor:
+    """Inverse square root of each label's frequency among the labelled examples, mean 1."""
+    counts = np.bincount([e[2] for e in examples if e[2] >= 0], minlength=len(LABELS))
+    weights = torch.tensor((counts.sum() / np.maximum(counts, 1)) ** 0.5, dtype=torch.float32)
+    return weights / weights.mean()
+
+
+def fit(model, train_set, val_set, val_labels: list[int], *, epochs: int, batch_size: int,
+        learning_rate: float, seed: int, device="cpu", alpha: float = 0.0, temperature: float = 2.0,
+        name: str = "model") -> dict:
+    """Fine-tune in place; the epoch best on validation macro-F1 is loaded back at the end.
+
+    The loss is ``alpha * KL(teacher || student) * T^2 + (1 - alpha) * weighted cross-entropy``;
+    unlabelled examples add only the first term.
+    """
+    model.to(device)
+    weights = class_weights(train_set)
+    hard_loss = torch.nn.CrossEntropyLoss(weight=weights.to(device), ignore_index=-1)
+    optimiser = torch.optim.AdamW(model.parameters(), lr=learning_rate, weight_decay=0.01)
+    rng = random.Random(seed)
+    total_steps = math.ceil(len(train_set) / batch_size) * epochs
+    warmup = max(1, total_steps // 20)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimiser, lambda s: min((s + 1) / warmup, max(0.0, (total_steps - s) / (total_steps - warmup))))
+    best = {"macro_f1": -1.0}
+    history = []
+    for epoch in range(1, epochs + 1):
+        model.train()
+        bar = tqdm(batches(train_set, batch_size, rng), desc=f"{name} epoch {epoch}/{epochs}", unit="batch",
+                   mininterval=30)
+        running = 0.0
+        for step, index in enumerate(bar, start=1):
+            ids, types, mask, labels, soft = collate(train_set, index, device)
+            with _autocast(device):
+                logits = model(input_ids=ids, token_type_ids=types, attention_mask=mask).logits.float()
+            loss = (1 - alpha) * hard_loss(logits, labels) if (labels >= 0).any() else logits.sum() * 0
+            if alpha and soft is not None:
+                teacher = torch.softmax(soft.to(device) / temperature, dim=-1)
+                student = torch.log_softmax(logits / temperature, dim=-1)
+                loss = loss + alpha * torch.nn.functional.kl_div(student, teacher, reduction="batchmean") \
+                    * temperature ** 2
+            optimiser.zero_grad()
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            optimiser.step()
+            scheduler.step()
+            running += loss.item()
+            if step % 50 == 0:
+                bar.set_postfix(loss=f"{running / step:.3f}")
+        score = macro_f1(logits_of(model, val_set, device), val_labels)
+        history.append({"epoch": epoch, "train_loss": round(running / step, 4), "validation_macro_f1": score})
+        log.info("%s epoch %d: validation macro-F1 %.4f", name, epoch, score)
+        if score > best["macro_f1"]:
+            best = {"macro_f1": score, "epoch": epoch,
+                    "state": {k: v.detach().clone() for k, v in model.state_dict().items()}}
+    model.load_state_dict(best["state"])
+    return {"history": history, "best_epoch": best["epoch"], "class_weights": [round(float(w), 4) for w in weights]}
