@@ -72,9 +72,9 @@ def grafana_to_promql(expr: str, instance: str = ".*") -> str:
 
 class Prometheus:
     """The real Prometheus with the shipped config and rules, scraping every second, finding the
-    service instances through a targets file in the shipped file_sd format."""
+    service instances (and any Alertmanager) through targets files in the shipped file_sd format."""
 
-    def __init__(self, tmp_path, targets: list[str]):
+    def __init__(self, tmp_path, targets: list[str], alertmanagers: list[str] = ()):
         with open(os.path.join(PROMETHEUS, "prometheus.yml")) as f:
             config = yaml.safe_load(f)
         config["global"] = {"scrape_interval": "1s", "evaluation_interval": "1s"}
@@ -84,6 +84,8 @@ class Prometheus:
             group = json.load(f)[0]
         (tmp_path / "targets").mkdir()
         (tmp_path / "targets" / "mgeo.json").write_text(json.dumps([{**group, "targets": targets}]))
+        if alertmanagers:
+            (tmp_path / "targets" / "alertmanager.json").write_text(json.dumps([{"targets": list(alertmanagers)}]))
         path = tmp_path / "prometheus.yml"
         path.write_text(yaml.safe_dump(config))
         self.port = free_port()
