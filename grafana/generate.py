@@ -1,57 +1,73 @@
 """Generates grafana/dashboards/*.json: `python grafana/generate.py` (a test checks the JSON is current).
 
-Plain dictionaries in Grafana's dashboard schema (v39, Grafana 11): timeseries and stat
-panels only, a `datasource` variable (no ${DS_...} inputs, which break file provisioning),
+Built with Grafana's own typed builders (``grafana-foundation-sdk``, the build for Grafana
+11.6; a build dependency of the dashboards, never of the service): timeseries, stat and
+table panels, a `datasource` variable (no ${DS_...} inputs, which break file provisioning),
 `job` and `instance` variables, fixed uids, a unit on every panel.
 """
 import json
 import os
 
+from grafana_foundation_sdk.builders import common, dashboard as board, prometheus, stat, table, timeseries
+from grafana_foundation_sdk.cog.encoder import JSONEncoder
+from grafana_foundation_sdk.models import common as common_models
+from grafana_foundation_sdk.models.dashboard import (DataSourceRef, GridPos, VariableOption, VariableRefresh,
+                                                     VariableSort)
+from grafana_foundation_sdk.models.prometheus import PromQueryFormat
+
 HERE = os.path.dirname(os.path.abspath(__file__))
-DATASOURCE = {"type": "prometheus", "uid": "${datasource}"}
+DATASOURCE = DataSourceRef(type_val="prometheus", uid="${datasource}")
 SELECTOR = 'job=~"$job", instance=~"$instance"'
 SLO_BUDGET = "(1 - scalar(mgeo:slo_availability:target))"
+PANELS = {"timeseries": timeseries.Panel, "stat": stat.Panel, "table": table.Panel}
 
 
-def variables(metric: str) -> list[dict]:
+def variables(metric: str) -> list:
     def label_variable(name, query):
-        return {"name": name, "label": name, "type": "query", "datasource": DATASOURCE,
-                "query": {"qryType": 1, "query": query, "refId": f"{name}-variable"},
-                "definition": query, "refresh": 2, "includeAll": True, "multi": True, "allValue": ".*",
-                "current": {"text": ["All"], "value": ["$__all"]}, "sort": 1}
+        return (board.QueryVariable(name).label(name).datasource(DATASOURCE)
+                .query({"qryType": 1, "query": query, "refId": f"{name}-variable"})
+                .refresh(VariableRefresh.ON_TIME_RANGE_CHANGED).include_all(True).multi(True).all_value(".*")
+                .current(VariableOption(text=["All"], value=["$__all"])).sort(VariableSort.ALPHABETICAL_ASC))
     return [
-        {"name": "datasource", "label": "Prometheus", "type": "datasource", "query": "prometheus",
-         "current": {"text": "Prometheus", "value": "mgeo-prometheus"}, "refresh": 1},
+        board.DatasourceVariable("datasource").label("Prometheus").type("prometheus")
+        .current(VariableOption(text="Prometheus", value="mgeo-prometheus")),
         label_variable("job", f"label_values({metric}, job)"),
         label_variable("instance", f'label_values({metric}{{job=~"$job"}}, instance)'),
     ]
 
 
 def panel(kind: str, title: str, unit: str, targets: list[tuple[str, str]], x: int, y: int,
-          w: int = 12, h: int = 8, description: str = "", **custom) -> dict:
-    defaults = {"unit": unit}
-    if "min" in custom:
-        defaults["min"] = custom.pop("min")
-    if "max" in custom:
-        defaults["max"] = custom.pop("max")
-    result = {
-        "type": kind, "title": title, "description": description, "datasource": DATASOURCE,
-        "gridPos": {"x": x, "y": y, "w": w, "h": h},
-        "fieldConfig": {"defaults": defaults, "overrides": []},
-        "targets": [{"refId": chr(ord("A") + i), "datasource": DATASOURCE, "expr": expr, "legendFormat": legend}
-                    for i, (expr, legend) in enumerate(targets)],
-        "options": custom or ({"legend": {"displayMode": "list", "placement": "bottom"}, "tooltip": {"mode": "multi"}}
-                              if kind == "timeseries" else {"reduceOptions": {"calcs": ["lastNotNull"]}}),
-    }
-    return result
+          w: int = 12, h: int = 8, description: str = "", lowest: float | None = None, highest: float | None = None):
+    built = (PANELS[kind]().title(title).description(description).datasource(DATASOURCE).unit(unit)
+             .grid_pos(GridPos(h=h, w=w, x=x, y=y)))
+    if lowest is not None:
+        built = built.min(lowest)
+    if highest is not None:
+        built = built.max(highest)
+    for i, (expr, legend) in enumerate(targets):
+        target = prometheus.Dataquery().ref_id(chr(ord("A") + i)).datasource(DATASOURCE).expr(expr)
+        if kind == "table":  # what holds now, one row per series
+            target = target.instant().format(PromQueryFormat.TABLE)
+        built = built.with_target(target.legend_format(legend))
+    if kind == "timeseries":
+        built = (built.legend(common.VizLegendOptions().display_mode(common_models.LegendDisplayMode.LIST)
+                              .placement(common_models.LegendPlacement.BOTTOM))
+                 .tooltip(common.VizTooltipOptions().mode(common_models.TooltipDisplayMode.MULTI)))
+    elif kind == "stat":
+        built = built.reduce_options(common.ReduceDataOptions().calcs(["lastNotNull"]))
+    return built
 
 
-def dashboard(uid: str, title: str, metric: str, panels: list[dict]) -> dict:
-    for number, p in enumerate(panels, start=1):
-        p["id"] = number
-    return {"uid": uid, "title": title, "tags": ["mgeo"], "timezone": "browser", "schemaVersion": 39,
-            "version": 1, "editable": True, "refresh": "30s", "time": {"from": "now-1h", "to": "now"},
-            "templating": {"list": variables(metric)}, "annotations": {"list": []}, "panels": panels}
+def row(title: str, y: int):
+    return board.Row(title).grid_pos(GridPos(h=1, w=24, x=0, y=y))
+
+
+def dashboard(uid: str, title: str, metric: str, panels: list) -> dict:
+    built = (board.Dashboard(title).uid(uid).tags(["mgeo"]).timezone("browser").version(1).editable()
+             .refresh("30s").time("now-1h", "now").variables(variables(metric)))
+    for number, item in enumerate(panels, start=1):
+        built = built.with_row(item.id(number)) if isinstance(item, board.Row) else built.with_panel(item.id(number))
+    return json.loads(json.dumps(built.build(), cls=JSONEncoder))
 
 
 def service_dashboard() -> dict:
@@ -64,12 +80,12 @@ def service_dashboard() -> dict:
         panel("stat", "Success ratio", "percentunit",
               [(f'sum(rate(mgeo_request_total{{{SELECTOR}, status=~"[24].."}}[{rate}])) '
                 f"/ sum(rate(mgeo_request_total{{{SELECTOR}}}[{rate}]))", "success")], 12, 0, w=6,
-              description="Answers that are 2xx, or 4xx for bad input, over all answers.", min=0, max=1),
+              description="Answers that are 2xx, or 4xx for bad input, over all answers.", lowest=0, highest=1),
         panel("stat", "Error budget remaining (30 days)", "percentunit",
               [(f'1 - (1 - sum(rate(mgeo_request_total{{{predict}, status=~"[24].."}}[30d])) '
                 f"/ sum(rate(mgeo_request_total{{{predict}}}[30d]))) / {SLO_BUDGET}", "budget")], 18, 0, w=6,
               description="Share of the /predict error budget (SLO mgeo:slo_availability:target) left over 30 days.",
-              max=1),
+              highest=1),
         panel("timeseries", "/predict latency p50 / p95 / p99", "s",
               [(f"histogram_quantile({q}, sum by (le) (rate(mgeo_request_duration_seconds_bucket{{{predict}}}[{rate}])))",
                 f"p{int(q * 100)}") for q in (0.5, 0.95, 0.99)], 0, 8),
@@ -85,11 +101,16 @@ def service_dashboard() -> dict:
                (f"histogram_quantile(0.95, sum by (le) (rate(mgeo_queue_duration_seconds_bucket{{{SELECTOR}}}[{rate}])))",
                 "queue p95")], 12, 16),
         panel("timeseries", "Ready workers per instance", "short",
-              [(f"sum by (instance) (mgeo_model_ready{{{SELECTOR}}})", "{{instance}}")], 0, 24, min=0),
+              [(f"sum by (instance) (mgeo_model_ready{{{SELECTOR}}})", "{{instance}}")], 0, 24, lowest=0),
         panel("timeseries", "Predicted-label mix", "percentunit",
               [(f"sum by (label) (rate(mgeo_pairs_total{{{SELECTOR}}}[{rate}])) "
                 f"/ ignoring(label) group_left sum(rate(mgeo_pairs_total{{{SELECTOR}}}[{rate}]))", "{{label}}")],
-              12, 24, min=0, max=1),
+              12, 24, lowest=0, highest=1),
+        row("Alerts", 32),
+        panel("table", "Firing alerts", "short",
+              [(f'sum by (alertname, severity, instance, reason) (ALERTS{{alertstate="firing", {SELECTOR}}})', "")],
+              0, 33, w=24, description="The alerts of prometheus/rules firing now, with severity and readiness "
+                                       "reason; Alertmanager routes them (README, Alerts)."),
     ])
 
 
@@ -98,13 +119,13 @@ def gpu_dashboard() -> dict:
     legend = "{{instance}} GPU {{gpu}} {{name}}"
     return dashboard("mgeo-gpu", "MGeo GPU", "mgeo_nvml_up", [
         panel("timeseries", "GPU utilisation", "percentunit",
-              [(f"nvidia_gpu_utilization_ratio{{{gpu}}}", legend)], 0, 0, min=0, max=1),
+              [(f"nvidia_gpu_utilization_ratio{{{gpu}}}", legend)], 0, 0, lowest=0, highest=1),
         panel("timeseries", "GPU memory used / total", "bytes",
               [(f"nvidia_gpu_memory_used_bytes{{{gpu}}}", "used " + legend),
-               (f"nvidia_gpu_memory_total_bytes{{{gpu}}}", "total " + legend)], 12, 0, min=0),
+               (f"nvidia_gpu_memory_total_bytes{{{gpu}}}", "total " + legend)], 12, 0, lowest=0),
         panel("timeseries", "GPU temperature", "celsius",
               [(f"nvidia_gpu_temperature_celsius{{{gpu}}}", legend)], 0, 8),
-        panel("timeseries", "GPU power", "watt", [(f"nvidia_gpu_power_watts{{{gpu}}}", legend)], 12, 8, min=0),
+        panel("timeseries", "GPU power", "watt", [(f"nvidia_gpu_power_watts{{{gpu}}}", legend)], 12, 8, lowest=0),
         panel("stat", "NVML up", "bool_yes_no", [(f"min by (instance) (mgeo_nvml_up{{{SELECTOR}}})", "{{instance}}")],
               0, 16, w=24, h=4),
     ])

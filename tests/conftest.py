@@ -58,11 +58,17 @@ def parse_metrics(text: str) -> dict[tuple[str, tuple], float]:
     return samples
 
 
-def dashboard_queries(path: str) -> list[tuple[str, str]]:
-    """(panel title, PromQL with Grafana variables) for every query of a dashboard."""
+# Panels of the ALERTS series: empty while nothing fires, so tests/test_alerting.py proves them.
+ALERT_PANELS = {"Firing alerts"}
+
+
+def dashboard_queries(path: str, alerts: bool = False) -> list[tuple[str, str]]:
+    """(panel title, PromQL with Grafana variables) for every query of a dashboard's data panels,
+    or with ``alerts`` of its alert panels."""
     with open(path) as f:
         board = json.load(f)
-    return [(p["title"], t["expr"]) for p in board["panels"] for t in p["targets"]]
+    return [(p["title"], t["expr"]) for p in board["panels"] for t in p.get("targets", [])
+            if (p["title"] in ALERT_PANELS) == alerts]
 
 
 def grafana_to_promql(expr: str, instance: str = ".*") -> str:

@@ -18,7 +18,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import pytest
 import yaml
 
-from conftest import PROMETHEUS, Prometheus, free_port, http
+from conftest import DASHBOARDS, PROMETHEUS, Prometheus, dashboard_queries, free_port, grafana_to_promql, http
 from mgeo_service.matcher import DEFAULT_MODEL_DIR
 
 ALERTMANAGER_CONFIG = os.path.join(PROMETHEUS, "alertmanager.yml")
@@ -174,6 +174,11 @@ def test_a_readiness_failure_pages_with_its_reason_and_fix_then_resolves_and_tar
         assert part in text, text
     assert render("mgeo.title", payload, tmp_path).startswith(
         f"[FIRING:1] MGeoReadinessFailing on {instance} (model_load_failed)")
+    # the dashboard's alerts row shows it too
+    [(title, expr)] = [query for path in DASHBOARDS for query in dashboard_queries(path, alerts=True)]
+    shown = prometheus.values(grafana_to_promql(expr, instance=instance))
+    assert any(dict(labels).get("alertname") == "MGeoReadinessFailing"
+               and dict(labels).get("reason") == "model_load_failed" for labels in shown), (title, shown)
 
     # 2. The directory is repaired and the workers reload: the resolved notification follows.
     shutil.copy(os.path.join(DEFAULT_MODEL_DIR, "model.safetensors"), model / "model.safetensors")

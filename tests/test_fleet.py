@@ -89,7 +89,7 @@ def test_three_instances_behind_one_prometheus(service_factory, tmp_path):
         for path in DASHBOARDS:
             with open(path) as f:
                 variable, = [v for v in json.load(f)["templating"]["list"] if v["name"] == "instance"]
-            series, label = re.fullmatch(r"label_values\((.+), (\w+)\)", variable["definition"]).groups()
+            series, label = re.fullmatch(r"label_values\((.+), (\w+)\)", variable["query"]["query"]).groups()
             query = urllib.parse.urlencode({"match[]": grafana_to_promql(series)})
             listed = http("GET", f"{prometheus.url}/api/v1/label/{label}/values?{query}")[2]["data"]
             assert sorted(listed) == sorted(instances), path
