@@ -1,0 +1,74 @@
+"""The training's contrast-pair generator, on a small gazetteer in the admin_divisions format."""
+import pytest
+
+from mgeo_service.train.contrast import KINDS, ContrastGenerator, Gazetteer, full_width, hanzi_number
+
+DIVISIONS = {
+    "provinces.csv": "code,name\n11,北京市\n22,吉林省\n",
+    "cities.csv": "code,name,provinceCode\n1101,市辖区,11\n2201,长春市,22\n",
+    "areas.csv": "code,name,cityCode,provinceCode\n110105,朝阳区,1101,11\n110108,海淀区,1101,11\n"
+                 "220104,朝阳区,2201,22\n220102,南关区,2201,22\n",
+    "streets.csv": "code,name,areaCode,provinceCode,cityCode\n",
+}
+ADDRESSES = ["北京市朝阳区建国路88号", "北京市朝阳区光华路5号", "吉林省长春市南关区人民大街1号", "朝阳区无名路1号"]
+
+
+@pytest.fixture
+def gazetteer(tmp_path):
+    folder = tmp_path / "admin_divisions"
+    folder.mkdir()
+    for name, text in DIVISIONS.items():
+        (folder / name).write_text(text, encoding="utf-8")
+    return Gazetteer(str(tmp_path))
+
+
+def test_parse_finds_the_divisions_and_refuses_an_ambiguous_district(gazetteer):
+    parsed = gazetteer.parse("北京市朝阳区建国路88号")
+    assert (parsed.province.name, parsed.city, parsed.area.code, parsed.rest) == ("北京市", None, "110105", "建国路88号")
+    parsed = gazetteer.parse("长春市南关区人民大街1号")
+    assert (parsed.city.name, parsed.area.name) == ("长春市", "南关区")
+    assert gazetteer.parse("朝阳区无名路1号") is None  # Beijing's or Changchun's: unknown
+    assert gazetteer.parse("海淀区") is None  # nothing after the district
+
+
+@pytest.mark.parametrize("kind, address, expected", [
+    ("other_district", "北京市朝阳区建国路88号", "北京市海淀区建国路88号"),
+    ("same_name_other_city", "北京市朝阳区建国路88号", "吉林省长春市朝阳区建国路88号"),
+    ("other_road", "北京市朝阳区建国路88号", "北京市朝阳区光华路88号"),
+    ("drop_province_city", "吉林省长春市南关区人民大街1号", "南关区人民大街1号"),
+    ("drop_suffixes", "吉林省长春市南关区人民大街1号", "吉林长春南关人民大街1号"),
+])
+def test_each_change_is_the_one_its_kind_names(gazetteer, kind, address, expected):
+    generator = ContrastGenerator(gazetteer, ADDRESSES, seed=1)
+    assert getattr(generator, kind)(gazetteer.parse(address)) == expected
+
+
+def test_number_changes_keep_or_change_the_place(gazetteer):
+    generator = ContrastGenerator(gazetteer, ADDRESSES, seed=1)
+    parsed = gazetteer.parse("北京市朝阳区建国路88号")
+    for _ in range(20):
+        other = generator.other_number(parsed)
+        assert other.startswith("北京市朝阳区建国路") and other.endswith("号") and other != parsed.address
+        assert generator.number_forms(parsed) in ("北京市朝阳区建国路八十八号", "北京市朝阳区建国路８８号")
+    assert generator.add_detail(parsed).startswith(parsed.address)
+    assert generator.add_detail(gazetteer.parse("北京市朝阳区建国路88号3栋")) is None  # has a detail already
+
+
+def test_pairs_are_seeded_labelled_by_kind_and_distinct(gazetteer):
+    pairs = ContrastGenerator(gazetteer, ADDRESSES, seed=3).pairs(30)
+    assert pairs == ContrastGenerator(gazetteer, ADDRESSES, seed=3).pairs(30)
+    assert pairs[:10] == ContrastGenerator(gazetteer, ADDRESSES, seed=3).pairs(10)  # a prefix: teacher ⊇ student
+    assert all(p.label == KINDS[p.kind] for p in pairs)
+    assert len({(p.address1, p.address2) for p in pairs}) == len(pairs)
+    assert {p.kind for p in pairs} >= {"other_district", "other_number", "drop_suffixes", "add_detail"}
+
+
+@pytest.mark.parametrize("number, text", [(1, "一"), (10, "十"), (12, "十二"), (20, "二十"), (88, "八十八"),
+                                          (101, "一百零一"), (110, "一百一十"), (560, "五百六十"),
+                                          (2000, "二千"), (2005, "二千零五"), (1234, "一千二百三十四")])
+def test_hanzi_numbers(number, text):
+    assert hanzi_number(number) == text
+
+
+def test_full_width_digits():
+    assert full_width("A12号") == "A１２号"
