@@ -76,6 +76,20 @@ def grafana_to_promql(expr: str, instance: str = ".*") -> str:
     return expr.replace("$__rate_interval", "1m").replace("$job", ".*").replace("$instance", instance)
 
 
+def wait_for_ready(url: str, process: subprocess.Popen, log_path, timeout: float = 60.0) -> None:
+    """Until GET <url>/-/ready answers 200 (Prometheus and Alertmanager both serve it)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            if http("GET", url + "/-/ready", timeout=2)[0] == 200:
+                return
+        except OSError:
+            pass
+        assert time.monotonic() < deadline, f"{url} not ready after {timeout}s"
+        assert process.poll() is None, open(log_path).read()[-3000:]
+        time.sleep(0.3)
+
+
 class Prometheus:
     """The real Prometheus with the shipped config and rules, scraping every second, finding the
     service instances (and any Alertmanager) through targets files in the shipped file_sd format."""
@@ -101,17 +115,7 @@ class Prometheus:
         self.process = subprocess.Popen(
             ["prometheus", f"--config.file={path}", f"--storage.tsdb.path={tmp_path / 'tsdb'}",
              f"--web.listen-address=127.0.0.1:{self.port}"], stdout=self.log, stderr=subprocess.STDOUT)
-        deadline = time.monotonic() + 60
-        while not self._ready():
-            assert time.monotonic() < deadline, "prometheus did not start"
-            assert self.process.poll() is None, self.log_path.read_text()
-            time.sleep(0.3)
-
-    def _ready(self) -> bool:
-        try:
-            return http("GET", self.url + "/-/ready", timeout=2)[0] == 200
-        except OSError:
-            return False
+        wait_for_ready(self.url, self.process, self.log_path)
 
     def query(self, expr: str, at: float | None = None):
         params = {"query": expr, **({"time": f"{at:.3f}"} if at is not None else {})}

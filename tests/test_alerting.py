@@ -18,7 +18,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import pytest
 import yaml
 
-from conftest import DASHBOARDS, PROMETHEUS, Prometheus, dashboard_queries, free_port, grafana_to_promql, http
+from conftest import (DASHBOARDS, PROMETHEUS, Prometheus, dashboard_queries, free_port, grafana_to_promql, http,
+                      wait_for_ready)
 from mgeo_service.matcher import DEFAULT_MODEL_DIR
 
 ALERTMANAGER_CONFIG = os.path.join(PROMETHEUS, "alertmanager.yml")
@@ -106,21 +107,13 @@ class Alertmanager:
         shutil.copy(TEMPLATES, folder)
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        self.log = open(tmp_path / "alertmanager.log", "wb")
+        log_path = tmp_path / "alertmanager.log"
+        self.log = open(log_path, "wb")
         self.process = subprocess.Popen(
             ["prometheus-alertmanager", f"--config.file={folder / 'alertmanager.yml'}",
              f"--storage.path={folder / 'data'}", f"--web.listen-address=127.0.0.1:{self.port}",
              "--cluster.listen-address="], stdout=self.log, stderr=subprocess.STDOUT)
-        deadline = time.monotonic() + 60
-        while not self._ready():
-            assert time.monotonic() < deadline and self.process.poll() is None, "alertmanager did not start"
-            time.sleep(0.3)
-
-    def _ready(self) -> bool:
-        try:
-            return http("GET", self.url + "/-/ready", timeout=2)[0] == 200
-        except OSError:
-            return False
+        wait_for_ready(self.url, self.process, log_path)
 
     def alerts(self, **labels) -> list[dict]:
         query = urllib.parse.urlencode([("filter", f'{k}="{v}"') for k, v in labels.items()])

@@ -1,5 +1,6 @@
 """deploy/kubernetes, docker-compose.yml and the Dockerfile: rendered with kustomize, validated
 against the Kubernetes and custom-resource schemas, and held to the service's own contracts."""
+import importlib
 import json
 import os
 import re
@@ -109,14 +110,20 @@ def test_custom_resources_pass_their_schemas(rendered):
     assert validate_custom_resources([broken]).returncode == 1  # the validator can fail
 
 
-def test_the_prometheusrule_is_generated_from_the_rule_files(rendered):
+def current_generator(name: str):
+    """The generator script deploy/kubernetes/<name>.py, once its committed output is shown current."""
     sys.path.insert(0, KUBERNETES)
     try:
-        import generate_rules
+        generator = importlib.import_module(name)
     finally:
         sys.path.remove(KUBERNETES)
-    with open(generate_rules.OUTPUT, encoding="utf-8") as f:
-        assert f.read() == generate_rules.render(), "stale: run python deploy/kubernetes/generate_rules.py"
+    with open(generator.OUTPUT, encoding="utf-8") as f:
+        assert f.read() == generator.render(), f"stale: run python deploy/kubernetes/{name}.py"
+    return generator
+
+
+def test_the_prometheusrule_is_generated_from_the_rule_files(rendered):
+    current_generator("generate_rules")
     groups = []
     for path in sorted(RULE_FILES):
         with open(path, encoding="utf-8") as f:
@@ -128,13 +135,7 @@ def test_the_prometheusrule_is_generated_from_the_rule_files(rendered):
 
 
 def test_the_alertmanagerconfig_is_generated_from_alertmanager_yml(rendered):
-    sys.path.insert(0, KUBERNETES)
-    try:
-        import generate_alertmanagerconfig as generator
-    finally:
-        sys.path.remove(KUBERNETES)
-    with open(generator.OUTPUT, encoding="utf-8") as f:
-        assert f.read() == generator.render(), "stale: run python deploy/kubernetes/generate_alertmanagerconfig.py"
+    generator = current_generator("generate_alertmanagerconfig")
     with open(generator.SOURCE, encoding="utf-8") as f:
         source = yaml.safe_load(f)
     for docs in rendered.values():
