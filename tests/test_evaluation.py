@@ -42,8 +42,20 @@ def test_evaluate_names_the_malformed_line(tmp_path):
     data.write_text("address1\taddress2\tlabel\n北京\t北京市\t2\n北京\t上海\n", encoding="utf-8")
     result = run_cli("evaluate", str(data))
     assert result.returncode == 2
-    assert f"{data}:3" in result.stderr and "3 tab-separated fields" in result.stderr
+    assert f"{data}:3" in result.stderr and "3 or 4 tab-separated fields" in result.stderr
     assert result.stdout == ""
+
+
+def test_a_kind_column_gives_accuracy_per_kind(tmp_path):
+    data = tmp_path / "kinds.tsv"
+    data.write_text("address1\taddress2\tlabel\tkind\n北京市海淀区1号\t北京海淀1号\t2\tdrop_suffixes\n"
+                    "北京市海淀区1号\t北京市朝阳区1号\t0\tother_district\n北京\t上海\t0\t\n", encoding="utf-8")
+    assert [p.kind for p in read_pairs(str(data))] == ["drop_suffixes", "other_district", ""]
+    result = run_cli("evaluate", str(data))
+    assert result.returncode == 0, result.stderr
+    by_kind = json.loads(result.stdout)["by_kind"]
+    assert set(by_kind) == {"drop_suffixes", "other_district"}
+    assert all(v["pairs"] == 1 and v["accuracy"] in (0.0, 1.0) for v in by_kind.values())
 
 
 def test_labels_may_be_names_or_numbers(tmp_path):
