@@ -50,7 +50,7 @@ class Division:
 
 @dataclass
 class Parsed:
-    """Where the divisions sit in an address: [start, end) spans, end of the prefix."""
+    """The divisions an address starts with, and where each sits: [start, end) spans."""
     address: str
     province: Division | None
     city: Division | None
@@ -140,6 +140,10 @@ def _longest_area_name(gazetteer: Gazetteer, address: str, pos: int) -> str:
     return ""
 
 
+def _divisions_text(province: Division | None, city: Division | None, area: Division, short: bool = False) -> str:
+    return "".join(d.short if short else d.name for d in (province, city, area) if d)
+
+
 def hanzi_number(n: int) -> str:
     """12 -> 十二, 101 -> 一百零一, 2000 -> 二千 (house-number style)."""
     if n < 10:
@@ -194,11 +198,6 @@ class ContrastGenerator:
             out.append(LabelledPair(original, changed, KINDS[kind], kind))
         return out
 
-    def _prefix(self, p: Parsed, province: Division | None, city: Division | None, area: Division,
-                short: bool = False) -> str:
-        parts = [d for d in (province, city) if d] + [area]
-        return "".join(d.short if short else d.name for d in parts)
-
     def other_district(self, p: Parsed) -> str | None:
         siblings = [a for a in self.gazetteer.areas_by_city[p.area.parent] if a.name != p.area.name]
         if not siblings:
@@ -212,7 +211,7 @@ class ContrastGenerator:
             return None
         other = self.rng.choice(others)
         province, city = self.gazetteer.province_of(other), self.gazetteer.city_of(other)
-        return self._prefix(p, province, city, other) + p.rest
+        return _divisions_text(province, city, other) + p.rest
 
     def other_number(self, p: Parsed) -> str | None:
         match = _NUMBER.search(p.rest)
@@ -242,7 +241,7 @@ class ContrastGenerator:
     def drop_suffixes(self, p: Parsed) -> str | None:
         city = p.city if p.city_span else None
         province = p.province if p.province_span else None
-        shortened = self._prefix(p, province, city, p.area, short=True) + p.rest
+        shortened = _divisions_text(province, city, p.area, short=True) + p.rest
         return shortened if shortened != p.address else None
 
     def number_forms(self, p: Parsed) -> str | None:
