@@ -85,7 +85,9 @@ def serve(env: dict | None = None, ready_path: str = "/health/ready") -> tuple[P
     multiproc_dir = tempfile.mkdtemp(prefix="bench-multiproc-")
     process = Process([sys.executable, "-m", "mgeo_service", "serve"], {
         "MGEO_BIND": f"127.0.0.1:{port}", "MGEO_METRICS_PORT": str(metrics_port),
-        "MGEO_METRICS_BIND": "127.0.0.1", "PROMETHEUS_MULTIPROC_DIR": multiproc_dir, **(env or {})})
+        "MGEO_METRICS_BIND": "127.0.0.1", "PROMETHEUS_MULTIPROC_DIR": multiproc_dir,
+        # The loads cycle through their pairs: with a cache, the figures would be the cache's.
+        "MGEO_CACHE_SIZE": "0", **(env or {})})
     ready = wait_for(f"http://127.0.0.1:{port}{ready_path}")
     return process, f"http://127.0.0.1:{port}", f"http://127.0.0.1:{metrics_port}/metrics", multiproc_dir, ready
 

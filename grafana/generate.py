@@ -106,10 +106,15 @@ def service_dashboard() -> dict:
               [(f"sum by (label) (rate(mgeo_pairs_total{{{SELECTOR}}}[{rate}])) "
                 f"/ ignoring(label) group_left sum(rate(mgeo_pairs_total{{{SELECTOR}}}[{rate}]))", "{{label}}")],
               12, 24, lowest=0, highest=1),
-        row("Alerts", 32),
+        panel("timeseries", "Result cache hit ratio", "percentunit",
+              [(f'sum(rate(mgeo_cache_requests_total{{{SELECTOR}, result="hit"}}[{rate}])) '
+                f"/ sum(rate(mgeo_cache_requests_total{{{SELECTOR}}}[{rate}]))", "hit ratio")], 0, 32,
+              description="Pairs answered from the workers' result cache (MGEO_CACHE_SIZE) over all pairs looked "
+                          "up: repeated traffic; a sudden drop means new kinds of requests.", lowest=0, highest=1),
+        row("Alerts", 40),
         panel("table", "Firing alerts", "short",
               [(f'sum by (alertname, severity, instance, reason) (ALERTS{{alertstate="firing", {SELECTOR}}})', "")],
-              0, 33, w=24, description="The alerts of prometheus/rules firing now, with severity and readiness "
+              0, 41, w=24, description="The alerts of prometheus/rules firing now, with severity and readiness "
                                        "reason; Alertmanager routes them (README, Alerts)."),
     ])
 

@@ -1,9 +1,9 @@
 """The HTTP API: ``create_app`` builds one Flask app per Gunicorn worker.
 
-A request flows: authenticate -> read and validate the JSON -> tokenise ->
-micro-batcher -> matcher forward -> JSON. Every step that can go wrong answers
-with ``{"error": {"code", "message"}}`` and a 4xx (or 503 while the model is not
-ready); addresses are never logged and never echoed back.
+A request flows: authenticate -> read and validate the JSON -> tokenise -> result
+cache -> (the pairs it lacks) micro-batcher -> matcher forward -> JSON. Every step
+that can go wrong answers with ``{"error": {"code", "message"}}`` and a 4xx (or 503
+while the model is not ready); addresses are never logged and never echoed back.
 """
 from __future__ import annotations
 
@@ -21,6 +21,7 @@ from werkzeug.exceptions import HTTPException, MethodNotAllowed
 
 from . import logs, metrics
 from .batcher import InferenceError, MicroBatcher
+from .cache import ResultCache
 from .config import Settings, load_settings
 from .loader import READY, ModelLoader
 from .matcher import Matcher
@@ -132,6 +133,7 @@ def create_app(settings: Settings | None = None, loader: ModelLoader | None = No
     loader = loader or default_loader(settings)
     readiness = Readiness(loader, settings.ready_min_gpu_free_mb, settings.ready_cache_seconds)
     instrument = settings.metrics
+    cache = ResultCache(settings.cache_size, instrument)
     started = time.time()
     batcher_lock = threading.Lock()
     batchers: dict = {}  # the worker's one micro-batcher, made on first use of the loaded model
@@ -235,10 +237,18 @@ def create_app(settings: Settings | None = None, loader: ModelLoader | None = No
             raise ApiError(503, "not_ready", f"the model is not ready ({loader.reason or 'model_loading'})",
                            {"Retry-After": "1"})
         matcher = loader.matcher
-        try:
-            probabilities = batcher_for(matcher).submit(matcher.encode(pairs))
-        except InferenceError as exc:
-            raise ApiError(503, "inference_failed", f"{exc} ({exc.reason})", {"Retry-After": "1"}) from None
+        encoded = matcher.encode(pairs)
+        keys = [(matcher.model_id, tuple(ids), tuple(types)) for ids, types in encoded]
+        probabilities = cache.lookup(keys)
+        missing = [i for i, row in enumerate(probabilities) if row is None]
+        if missing:
+            try:
+                scored = batcher_for(matcher).submit([encoded[i] for i in missing])
+            except InferenceError as exc:
+                raise ApiError(503, "inference_failed", f"{exc} ({exc.reason})", {"Retry-After": "1"}) from None
+            cache.store([keys[i] for i in missing], scored)
+            for i, row in zip(missing, scored):
+                probabilities[i] = row
         results = [matcher.prediction(row).as_dict() for row in probabilities]
         if instrument:
             for result in results:

@@ -92,6 +92,7 @@ SETTINGS = {
     "MGEO_MAX_ADDRESS_CHARS": _setting("1000", _integer(1), "longest address accepted (before tokenising)"),
     "MGEO_BATCH_MAX_PAIRS": _setting("32", _integer(1, 4096), "most pairs in one coalesced forward"),
     "MGEO_BATCH_WAIT_MS": _setting("2", _number(0), "how long a forward waits for more requests to join"),
+    "MGEO_CACHE_SIZE": _setting("10000", _integer(0), "scored pairs each worker keeps to answer repeats; 0: no cache"),
     "MGEO_READY_MIN_GPU_FREE_MB": _setting("1024", _integer(0), "free GPU memory readiness needs (CUDA only)"),
     "MGEO_READY_CACHE_SECONDS": _setting("10", _number(0), "how long a readiness result is reused"),
     "MGEO_LOAD_WAIT_SECONDS": _setting("30", _number(0), "how long /predict waits for a loading model before 503"),
@@ -127,6 +128,7 @@ class Settings:
     max_address_chars: int
     batch_max_pairs: int
     batch_wait_ms: float
+    cache_size: int
     ready_min_gpu_free_mb: int
     ready_cache_seconds: float
     load_wait_seconds: float

@@ -32,6 +32,9 @@ QUEUE_DURATION = Histogram(
 INFERENCE_ERRORS = Counter(
     "mgeo_inference_errors", "Model forwards that failed, by reason.", ["reason"])
 PAIRS = Counter("mgeo_pairs", "Address pairs scored, by predicted label.", ["label"])
+CACHE_REQUESTS = Counter(
+    "mgeo_cache_requests", "Pairs looked up in the result cache: hit (answered without the model) or miss.",
+    ["result"])
 
 MODEL_READY = Gauge(
     "mgeo_model_ready", "Workers whose model is loaded and passed its readiness check.",

@@ -137,6 +137,32 @@ def test_readiness_when_ready(client):
     assert client.get("/healthz").get_json() == {"status": "ok"}
 
 
+def cache_lookups(result: str) -> float:
+    from prometheus_client import REGISTRY
+    return REGISTRY.get_sample_value("mgeo_cache_requests_total", {"result": result}) or 0.0
+
+
+def test_a_repeated_pair_is_answered_from_the_cache_as_the_model_would(client):
+    pair = {"address1": "上海市徐汇区漕溪北路18号", "address2": "上海徐汇漕溪北路18号"}
+    hits, misses = cache_lookups("hit"), cache_lookups("miss")
+    first = post(client, pair).get_json()
+    assert (cache_lookups("hit"), cache_lookups("miss")) == (hits, misses + 1)
+    other = {"address1": "上海市徐汇区漕溪北路18号", "address2": "上海市静安区漕溪北路18号"}
+    again, new = post(client, {"pairs": [pair, other]}).get_json()["results"]  # one hit, one miss
+    assert (cache_lookups("hit"), cache_lookups("miss")) == (hits + 1, misses + 2)
+    assert again == {k: v for k, v in first.items() if k != "model"}
+    alone = post(client, other).get_json()  # now a hit too
+    assert new == {k: v for k, v in alone.items() if k != "model"} and cache_lookups("hit") == hits + 2
+
+
+def test_no_cache_when_its_size_is_zero():
+    client = make_app(MGEO_CACHE_SIZE="0").test_client()
+    hits, misses = cache_lookups("hit"), cache_lookups("miss")
+    for _ in range(2):
+        assert post(client, PAIR).status_code == 200
+    assert (cache_lookups("hit"), cache_lookups("miss")) == (hits, misses)
+
+
 def test_not_ready_while_loading_and_after_a_failed_load(tmp_path):
     import threading
     release = threading.Event()

@@ -23,7 +23,7 @@ SUM_OF_INSTANCES = {"Request rate by status"}
 # Ratios and quantiles of the pooled counts: a weighted mean of the instances' values, so it
 # lies between the smallest and the largest of them.
 POOLED = {"Success ratio", "Error budget remaining (30 days)", "/predict latency p50 / p95 / p99",
-          "Pairs per model forward", "Inference and queue time p95", "Predicted-label mix"}
+          "Pairs per model forward", "Inference and queue time p95", "Predicted-label mix", "Result cache hit ratio"}
 
 
 def fake_gpu(number: int) -> str:

@@ -1,0 +1,52 @@
+"""The result cache: a worker answers a pair it has already scored without the model.
+
+Keyed by exactly what the model sees (token ids and segment ids, after truncation) and the
+model's name and version, so a hit is the answer the model would give. Bounded (least
+recently used out first), in the worker's memory only: never on disk or in logs, and a
+worker that reloads its model starts with an empty one.
+"""
+from __future__ import annotations
+
+import threading
+from collections import OrderedDict
+from typing import Hashable, Sequence
+
+import torch
+
+from . import metrics
+
+
+class ResultCache:
+    def __init__(self, size: int, instrument: bool = True):
+        self._size = size
+        self._instrument = instrument
+        self._rows: OrderedDict[Hashable, torch.Tensor] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def __len__(self) -> int:
+        return len(self._rows)
+
+    def lookup(self, keys: Sequence[Hashable]) -> list[torch.Tensor | None]:
+        """The cached probabilities of each key, None where it has none."""
+        if not self._size:
+            return [None] * len(keys)
+        with self._lock:
+            found = [self._rows.get(key) for key in keys]
+            for key, row in zip(keys, found):
+                if row is not None:
+                    self._rows.move_to_end(key)
+        if self._instrument:
+            hits = sum(row is not None for row in found)
+            metrics.CACHE_REQUESTS.labels("hit").inc(hits)
+            metrics.CACHE_REQUESTS.labels("miss").inc(len(keys) - hits)
+        return found
+
+    def store(self, keys: Sequence[Hashable], rows: torch.Tensor) -> None:
+        if not self._size:
+            return
+        with self._lock:
+            for key, row in zip(keys, rows):
+                self._rows[key] = row.clone()  # not a view: it would keep the whole batch alive
+                self._rows.move_to_end(key)
+            while len(self._rows) > self._size:
+                self._rows.popitem(last=False)
