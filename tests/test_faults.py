@@ -123,10 +123,10 @@ def test_sigkill_the_sidecar(service_factory):
     for _ in range(5):
         http("POST", service.url + "/predict", PAIR)
     before = request_totals(service)
-    os.kill(sidecar_pid(service), signal.SIGKILL)
-    killed = time.monotonic()
-    service.wait_until(lambda: service.scrape(), 10, "the sidecar back")
-    assert time.monotonic() - killed < 5
+    killed = sidecar_pid(service)
+    os.kill(killed, signal.SIGKILL)
+    service.wait_until(lambda: service.scrape(), 60, "the sidecar back")  # how soon is BENCHMARKS' business
+    assert sidecar_pid(service) != killed
     assert request_totals(service) == before  # nothing lost, nothing counted twice
 
 
@@ -178,17 +178,22 @@ def test_sigterm_lets_in_flight_requests_finish(service_factory):
         except OSError as exc:
             results.append(type(exc).__name__)
 
+    def all_taken():  # every request begun in a worker or answered: none is left in the listen queue
+        samples = service.scrape()
+        running = samples.get(("mgeo_requests_inprogress", (("endpoint", "/predict"), ("method", "POST"))), 0)
+        answered = samples.get(("mgeo_request_total", (("endpoint", "/predict"), ("method", "POST"),
+                                                       ("status", "200"))), 0)
+        return running + answered == 6
+
     threads = [threading.Thread(target=send) for _ in range(6)]
     for t in threads:
         t.start()
-    time.sleep(0.3)
-    started = time.monotonic()
+    service.wait_until(all_taken, 60, "the six requests taken by the workers")
     service.process.send_signal(signal.SIGTERM)
     for t in threads:
         t.join(60)
-    service.process.wait(30)
-    assert time.monotonic() - started < 20
-    assert results == [200] * 6
+    service.process.wait(60)
+    assert results == [200] * 6  # answered, not cut off: Gunicorn kills what outlives the graceful timeout
 
 
 def test_sighup_reload_fails_no_request(service_factory):
