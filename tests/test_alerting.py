@@ -7,6 +7,7 @@ minutes, so that the whole path is proven in a few minutes.
 """
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -43,6 +44,20 @@ def test_each_severity_routes_to_its_receiver(severity, receiver):
                     "alertname=MGeoTargetDown", f"severity={severity}", "instance=a:8000")
     assert result.returncode == 0, result.stdout + result.stderr
     assert result.stdout.strip() == receiver
+
+
+def test_the_commented_receiver_examples_work_uncommented(tmp_path):
+    # Example lines are commented YAML (a lower-case key or a list item); prose starts otherwise.
+    with open(ALERTMANAGER_CONFIG, encoding="utf-8") as f:
+        text = re.sub(r"(?m)^(\s*)# ((?:- |  )*[a-z_]+:)", r"\1\2", f.read())
+    config = yaml.safe_load(text)
+    page = next(r for r in config["receivers"] if r["name"] == "mgeo-page")
+    assert {"wechat_configs", "slack_configs", "pagerduty_configs"} <= set(page)
+    assert any("dingtalk" in hook["url"] for hook in page["webhook_configs"])
+    (tmp_path / "alertmanager.yml").write_text(text, encoding="utf-8")
+    shutil.copy(TEMPLATES, tmp_path)
+    result = amtool("check-config", str(tmp_path / "alertmanager.yml"))
+    assert result.returncode == 0, result.stdout + result.stderr
 
 
 def test_an_alert_without_severity_still_reaches_someone():
