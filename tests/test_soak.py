@@ -8,6 +8,7 @@ import collections
 import random
 import threading
 import time
+from http.client import HTTPException
 
 from conftest import http
 from test_faults import kill_holding
@@ -59,7 +60,7 @@ def test_soak_with_worker_kills(service_factory):
             method, path, body, headers = local.choice(REQUESTS)
             try:
                 status = http(method, service.url + path, body, headers, timeout=30)[0]
-            except OSError as exc:
+            except (OSError, HTTPException) as exc:  # reset, refused or cut short
                 with lock:
                     failed.append(type(exc).__name__)
                 continue
