@@ -29,14 +29,16 @@ $(MODELSCOPE_STAMP):
 	$(MODELSCOPE_VENV)/bin/pip install -q modelscope==1.40.2 'transformers<5' addict
 	touch $(MODELSCOPE_STAMP)
 
-# The tools the tests run for real: Debian's prometheus (server and promtool) and
-# docker-compose (parses the compose file), kubectl's kustomize (present on these machines),
-# and the custom-resource schemas from npm, pinned by tests/kubernetes/package-lock.json.
-# And ModelScope's venv (above).
+# The tools the tests run for real: Debian's prometheus (server and promtool),
+# prometheus-alertmanager (server and amtool) and docker-compose (parses the compose file),
+# kubectl's kustomize (present on these machines), the custom-resource schemas from npm, pinned
+# by tests/kubernetes/package-lock.json, and ModelScope's venv (above).
 test-tools: $(MODELSCOPE_STAMP)
 	@if ! command -v prometheus >/dev/null || ! command -v promtool >/dev/null \
+			|| ! command -v prometheus-alertmanager >/dev/null || ! command -v amtool >/dev/null \
 			|| ! command -v docker-compose >/dev/null; then \
-		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq prometheus docker-compose; \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
+			prometheus prometheus-alertmanager docker-compose; \
 	fi
 	@command -v kubectl >/dev/null || (echo "kubectl (with kustomize) is needed: https://kubernetes.io/docs/tasks/tools/" >&2; exit 1)
 	@test -d tests/kubernetes/node_modules || npm ci --prefix tests/kubernetes --no-audit --no-fund
