@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import time
+from collections import Counter
 from typing import Sequence
 
 from .checkpoint import LABELS
@@ -38,15 +39,16 @@ def evaluate(matcher, pairs: Sequence[LabelledPair]) -> dict:
     started = time.perf_counter()
     predictions = matcher.predict([(p.address1, p.address2) for p in pairs])
     seconds = time.perf_counter() - started
-    report = classification_report([p.label for p in pairs],
-                                   [LABELS.index(pr.label) for pr in predictions])
-    kinds = sorted({p.kind for p in pairs if p.kind})
-    if kinds:
-        right = [LABELS.index(pr.label) == p.label for p, pr in zip(pairs, predictions)]
-        report["by_kind"] = {kind: {"pairs": sum(1 for p in pairs if p.kind == kind),
-                                    "accuracy": round(sum(r for p, r in zip(pairs, right) if p.kind == kind)
-                                                      / sum(1 for p in pairs if p.kind == kind), 4)}
-                             for kind in kinds}
+    predicted = [LABELS.index(pr.label) for pr in predictions]
+    report = classification_report([p.label for p in pairs], predicted)
+    total, right = Counter(), Counter()
+    for pair, label in zip(pairs, predicted):
+        if pair.kind:
+            total[pair.kind] += 1
+            right[pair.kind] += label == pair.label
+    if total:
+        report["by_kind"] = {kind: {"pairs": total[kind], "accuracy": round(right[kind] / total[kind], 4)}
+                             for kind in sorted(total)}
     report.update({
         "pairs": len(pairs),
         "seconds": round(seconds, 3),
