@@ -141,8 +141,9 @@ def create_app(settings: Settings | None = None, loader: ModelLoader | None = No
     def batcher_for(matcher) -> MicroBatcher:
         with batcher_lock:
             if "batcher" not in batchers:
+                threads = settings.worker_batch_threads(on_gpu=matcher.device.type == "cuda")
                 batchers["batcher"] = MicroBatcher(matcher.forward, settings.batch_max_pairs,
-                                                   settings.batch_wait_ms / 1000, instrument)
+                                                   settings.batch_wait_ms / 1000, instrument, threads)
             return batchers["batcher"]
 
     app = Flask(__name__)

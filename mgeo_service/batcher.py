@@ -1,10 +1,13 @@
 """Micro-batching: concurrent requests in a worker share one model forward.
 
-Request threads hand their encoded pairs to ``MicroBatcher.submit`` and block.
-One batching thread takes the first waiting request, lets others join for up
-to ``wait_seconds`` or until ``max_pairs`` pairs are waiting, runs the forwards
-(length-sorted chunks of at most ``max_pairs``) and hands each request its own
-rows back, in order.
+Request threads hand their encoded pairs to ``MicroBatcher.submit`` and block
+(asleep: a waiting request costs no CPU and does not hold the GIL). Each of
+``threads`` batching threads takes the first waiting request, lets others join
+for up to ``wait_seconds`` or until ``max_pairs`` pairs are waiting, runs the
+forwards (length-sorted chunks of at most ``max_pairs``) and hands each request
+its own rows back, in order. Several batching threads share one queue, so their
+forwards run side by side on separate cores while every request still goes to
+whichever forward starts next.
 """
 from __future__ import annotations
 
@@ -50,13 +53,14 @@ class _Job:
 
 class MicroBatcher:
     def __init__(self, forward: Callable[[Sequence[Encoded]], torch.Tensor], max_pairs: int,
-                 wait_seconds: float, instrument: bool = True):
+                 wait_seconds: float, instrument: bool = True, threads: int = 1):
         self._forward = forward
         self._max_pairs = max_pairs
         self._wait_seconds = wait_seconds
         self._instrument = instrument
         self._queue: queue.SimpleQueue[_Job] = queue.SimpleQueue()
-        threading.Thread(target=self._run, name="micro-batcher", daemon=True).start()
+        for number in range(threads):
+            threading.Thread(target=self._run, name=f"micro-batcher-{number}", daemon=True).start()
 
     def submit(self, encoded: Sequence[Encoded]) -> torch.Tensor:
         """Probabilities for ``encoded``, one row per pair, once its forward ran."""

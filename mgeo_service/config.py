@@ -77,10 +77,12 @@ SETTINGS = {
     "MGEO_DEVICE": _setting("auto", _device, "auto (CUDA when available), cpu, cuda or cuda:N"),
     "MGEO_FP16": _setting("0", _boolean, "run the model in float16 (CUDA only)"),
     "MGEO_MAX_LENGTH": _setting("128", _integer(8, 512), "tokens per pair; longer pairs are truncated"),
-    "MGEO_TORCH_THREADS": _setting("0", _integer(0), "CPU threads per worker for torch; 0: CPU cores / workers"),
+    "MGEO_TORCH_THREADS": _setting("0", _integer(0), "CPU threads each forward uses; 0: 1 when serving (forwards run "
+                                   "side by side instead), every core for predict and evaluate"),
     "MGEO_BIND": _setting("0.0.0.0:5000", _bind, "address of the HTTP API"),
     "MGEO_WORKERS": _setting("2", _integer(1, 64), "Gunicorn worker processes"),
-    "MGEO_THREADS": _setting("4", _integer(1, 256), "threads per worker (gthread)"),
+    "MGEO_THREADS": _setting("64", _integer(1, 1024), "threads per worker (gthread); above the connections a worker "
+                             "holds, so probes find one free"),
     "MGEO_GRACEFUL_TIMEOUT": _setting("30", _integer(1), "seconds in-flight requests get on SIGTERM/SIGHUP"),
     "MGEO_MAX_REQUESTS": _setting("0", _integer(0), "restart a worker after this many requests; 0: never"),
     "MGEO_METRICS": _setting("1", _boolean, "instrument requests (0 turns the request metrics off)"),
@@ -92,6 +94,8 @@ SETTINGS = {
     "MGEO_MAX_ADDRESS_CHARS": _setting("1000", _integer(1), "longest address accepted (before tokenising)"),
     "MGEO_BATCH_MAX_PAIRS": _setting("32", _integer(1, 4096), "most pairs in one coalesced forward"),
     "MGEO_BATCH_WAIT_MS": _setting("2", _number(0), "how long a forward waits for more requests to join"),
+    "MGEO_BATCH_THREADS": _setting("0", _integer(0, 256), "forwards a worker runs side by side; 0: CPU cores / "
+                                   "(workers x torch threads) on a CPU, 1 on a GPU"),
     "MGEO_CACHE_SIZE": _setting("10000", _integer(0), "scored pairs each worker keeps to answer repeats; 0: no cache"),
     "MGEO_READY_MIN_GPU_FREE_MB": _setting("1024", _integer(0), "free GPU memory readiness needs (CUDA only)"),
     "MGEO_READY_CACHE_SECONDS": _setting("10", _number(0), "how long a readiness result is reused"),
@@ -128,6 +132,7 @@ class Settings:
     max_address_chars: int
     batch_max_pairs: int
     batch_wait_ms: float
+    batch_threads: int
     cache_size: int
     ready_min_gpu_free_mb: int
     ready_cache_seconds: float
@@ -137,8 +142,14 @@ class Settings:
 
     @property
     def worker_torch_threads(self) -> int:
-        """Threads for each worker's torch: the CPU cores shared out among the workers."""
-        return self.torch_threads or max(1, (os.cpu_count() or 1) // self.workers)
+        """Threads each forward of a worker uses: one unless set, the cores go to forwards side by side."""
+        return self.torch_threads or 1
+
+    def worker_batch_threads(self, on_gpu: bool) -> int:
+        """Forwards a worker runs side by side: the CPU cores shared out among the workers; one on a GPU."""
+        if self.batch_threads:
+            return self.batch_threads
+        return 1 if on_gpu else max(1, (os.cpu_count() or 1) // (self.workers * self.worker_torch_threads))
 
 
 def load_settings(environ: Mapping[str, str] | None = None) -> Settings:

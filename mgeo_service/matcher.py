@@ -20,6 +20,7 @@ import torch
 from transformers import BertForSequenceClassification
 
 from .checkpoint import LABELS, Checkpoint, CheckpointError, load_checkpoint
+from .packed import PackedBert
 
 log = logging.getLogger(__name__)
 
@@ -71,7 +72,7 @@ def build_model(checkpoint: Checkpoint) -> BertForSequenceClassification:
 
 
 def length_sorted_chunks(encoded: Sequence[tuple[list[int], list[int]]], size: int) -> list[list[int]]:
-    """Indices of ``encoded`` in chunks of at most ``size``, shortest first: little padding per forward."""
+    """Indices of ``encoded`` in chunks of at most ``size``, shortest first: attention groups of even length."""
     order = sorted(range(len(encoded)), key=lambda i: len(encoded[i][0]))
     return [order[start:start + size] for start in range(0, len(order), size)]
 
@@ -116,7 +117,10 @@ class Matcher:
         if fp16 and self.device.type == "cuda":
             model = model.half()
         self.model = model.to(self.device)
-        self._pad_id = self.tokenizer.pad_token_id or 0
+        try:
+            self._packed = PackedBert(self.model)
+        except ValueError as exc:
+            raise CheckpointError(f"checkpoint cannot be served: {exc}") from exc
         self.load_seconds = time.perf_counter() - started
         log.info("model %s@%s (%s layout) loaded on %s in %.2fs",
                  self.name, self.version, self.layout, self.device, self.load_seconds)
@@ -139,21 +143,9 @@ class Matcher:
         probabilities = forward_in_chunks(self.forward, self.encode(pairs), self.batch_size)
         return [self.prediction(p) for p in probabilities]
 
-    @torch.inference_mode()
     def forward(self, encoded: Sequence[tuple[list[int], list[int]]]) -> torch.Tensor:
-        """Probabilities [n, labels] for already-encoded pairs: one model forward."""
-        width = max(len(ids) for ids, _ in encoded)
-        input_ids = torch.full((len(encoded), width), self._pad_id, dtype=torch.long)
-        token_types = torch.zeros((len(encoded), width), dtype=torch.long)
-        attention = torch.zeros((len(encoded), width), dtype=torch.long)
-        for row, (ids, types) in enumerate(encoded):
-            input_ids[row, :len(ids)] = torch.tensor(ids)
-            token_types[row, :len(types)] = torch.tensor(types)
-            attention[row, :len(ids)] = 1
-        logits = self.model(input_ids=input_ids.to(self.device),
-                            token_type_ids=token_types.to(self.device),
-                            attention_mask=attention.to(self.device)).logits
-        return torch.softmax(logits.float(), dim=-1).cpu()
+        """Probabilities [n, labels] for already-encoded pairs: one padding-free model forward."""
+        return torch.softmax(self._packed.logits(encoded).float(), dim=-1).cpu()
 
     def prediction(self, probs: torch.Tensor) -> Prediction:
         """The label, scores and similarity of one row of ``forward``'s probabilities."""

@@ -33,7 +33,7 @@ def save_huggingface(model, path) -> str:
     return str(path)
 
 
-def save_modelscope(model, path, label_file=True) -> str:
+def save_modelscope(model, path, label_file=True, vocab=VOCAB) -> str:
     """MGeo's layout: bert.text_encoder.* keys, GIS and cross-attention extras, configuration.json."""
     os.makedirs(path)
     state = {}
@@ -59,7 +59,7 @@ def save_modelscope(model, path, label_file=True) -> str:
         with open(os.path.join(path, "label_mapping.json"), "w") as f:
             json.dump({"不匹配": 0, "部分匹配": 1, "完全匹配": 2}, f, ensure_ascii=False)
     with open(os.path.join(path, "vocab.txt"), "w", encoding="utf-8") as f:
-        f.write("\n".join(VOCAB) + "\n")
+        f.write("\n".join(vocab) + "\n")
     return str(path)
 
 

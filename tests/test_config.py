@@ -10,13 +10,25 @@ from mgeo_service.config import SETTINGS, ConfigError, Settings, load_settings
 def test_defaults():
     settings = load_settings({})
     assert settings.bind == "0.0.0.0:5000"
-    assert (settings.workers, settings.threads) == (2, 4)
+    assert (settings.workers, settings.threads) == (2, 64)
     assert (settings.metrics_port, settings.metrics_bind) == (8000, "0.0.0.0")
     assert (settings.max_pairs, settings.max_body_bytes) == (64, 65536)
     assert (settings.ready_min_gpu_free_mb, settings.ready_cache_seconds) == (1024, 10)
     assert (settings.batch_max_pairs, settings.batch_wait_ms) == (32, 2)
     assert settings.gpu_poll_seconds == 5
     assert settings.model_dir == "" and settings.device == "auto"
+
+
+def test_the_cores_go_to_forwards_side_by_side_unless_set(monkeypatch):
+    monkeypatch.setattr("os.cpu_count", lambda: 16)
+    settings = load_settings({"MGEO_WORKERS": "2"})
+    assert settings.worker_torch_threads == 1
+    assert settings.worker_batch_threads(on_gpu=False) == 8
+    assert settings.worker_batch_threads(on_gpu=True) == 1  # a GPU runs one forward at a time anyway
+    settings = load_settings({"MGEO_WORKERS": "2", "MGEO_TORCH_THREADS": "4"})
+    assert (settings.worker_torch_threads, settings.worker_batch_threads(on_gpu=False)) == (4, 2)
+    settings = load_settings({"MGEO_WORKERS": "4", "MGEO_BATCH_THREADS": "3"})
+    assert settings.worker_batch_threads(on_gpu=False) == settings.worker_batch_threads(on_gpu=True) == 3
 
 
 def test_every_setting_is_declared_once():

@@ -1,0 +1,90 @@
+"""The padding-free forward gives, for every pair of any batch, the probabilities of scoring it alone."""
+import random
+
+import pytest
+import torch
+from mgeo_service.checkpoint import CheckpointError
+from mgeo_service.dataset import read_pairs
+from mgeo_service.evaluation import classification_report, evaluate
+from mgeo_service.matcher import DEFAULT_MODEL_DIR, Matcher
+from mgeo_service.packed import GROUP_PADDING, attention_groups
+
+from conftest import DATA
+from test_checkpoint import save_huggingface, save_modelscope, tiny_model
+
+TOLERANCE = 1e-5  # a pair's probabilities in any batch against the same pair scored alone
+# Against transformers' own BertForSequenceClassification: the same arithmetic in another order (one
+# fused query/key/value multiply, attention without padding) moves a probability by up to ~2e-5.
+TRANSFORMERS_TOLERANCE = 1e-4
+LONG = "广东省深圳市南山区粤海街道科技园南区高新南七道" * 8  # truncated to max_length
+
+
+def real_pairs() -> list[tuple[str, str]]:
+    """The project's real pairs, of every length from a few tokens to truncated, in a seeded shuffle."""
+    pairs = [(p.address1, p.address2) for name in ("address_pairs.tsv", "contrast_pairs.tsv")
+             for p in read_pairs(f"{DATA}/{name}")]
+    pairs += [(LONG, "深圳南山"), ("北京", LONG), ("北", "京")]
+    random.Random(0).shuffle(pairs)
+    return pairs
+
+
+def transformers_alone(matcher: Matcher, encoded) -> torch.Tensor:
+    """Each pair scored by itself through transformers' own BertForSequenceClassification: no padding."""
+    with torch.inference_mode():
+        rows = [matcher.model(input_ids=torch.tensor([ids]), token_type_ids=torch.tensor([types])).logits[0]
+                for ids, types in encoded]
+    return torch.softmax(torch.stack(rows).float(), dim=-1)
+
+
+def assert_batches_match_alone(matcher: Matcher, pairs):
+    encoded = matcher.encode(pairs)
+    lengths = {len(ids) for ids, _ in encoded}
+    assert min(lengths) < 10 and max(lengths) == matcher.max_length  # mixed lengths, truncation included
+    reference = torch.cat([matcher.forward([pair]) for pair in encoded])
+    assert (reference - transformers_alone(matcher, encoded)).abs().max().item() <= TRANSFORMERS_TOLERANCE
+    for size in (3, 8, 32, len(encoded)):
+        for start in range(0, len(encoded), size):
+            batch = matcher.forward(encoded[start:start + size])
+            difference = (batch - reference[start:start + size]).abs().max().item()
+            assert difference <= TOLERANCE, f"batch of {size} at {start}: {difference}"
+
+
+def test_default_model_batches_give_the_probabilities_of_each_pair_alone(default_matcher):
+    assert_batches_match_alone(default_matcher, real_pairs())
+
+
+def test_mgeo_layout_checkpoint_batches_give_the_probabilities_of_each_pair_alone(tmp_path, default_matcher):
+    with open(f"{DEFAULT_MODEL_DIR}/vocab.txt", encoding="utf-8") as f:
+        vocab = f.read().splitlines()
+    # The default model's weights saved as ModelScope saves MGeo (bert.text_encoder.*, GIS extras).
+    matcher = Matcher(save_modelscope(default_matcher.model, tmp_path / "mgeo", vocab=vocab), device="cpu")
+    assert matcher.layout == "modelscope"
+    assert_batches_match_alone(matcher, real_pairs())
+
+
+def test_evaluate_scores_with_the_same_forward(default_matcher):
+    pairs = list(read_pairs(f"{DATA}/address_pairs.tsv"))
+    encoded = default_matcher.encode([(p.address1, p.address2) for p in pairs])
+    reference = torch.cat([default_matcher.forward([pair]) for pair in encoded])
+    expected = classification_report([p.label for p in pairs], reference.argmax(-1).tolist())
+    report = evaluate(default_matcher, pairs)
+    assert report["confusion"] == expected["confusion"] and report["macro_f1"] == expected["macro_f1"]
+
+
+def test_attention_groups_cover_every_pair_once_and_bound_their_padding():
+    lengths = [random.Random(seed).randint(3, 128) for seed in range(200)]
+    groups = attention_groups(lengths)
+    assert sorted(i for group in groups for i in group) == list(range(200))
+    for group in groups:
+        group_lengths = [lengths[i] for i in group]
+        assert group_lengths == sorted(group_lengths)
+        assert len(group) * max(group_lengths) <= GROUP_PADDING * sum(group_lengths)
+    longest = [max(lengths[i] for i in group) for group in groups]
+    assert longest == sorted(longest)
+
+
+def test_an_activation_it_does_not_implement_is_refused_at_load(tmp_path):
+    model = tiny_model()
+    model.config.hidden_act = "silu"
+    with pytest.raises(CheckpointError, match="hidden_act 'silu' is not supported"):
+        Matcher(save_huggingface(model, tmp_path / "silu"), device="cpu")
