@@ -1,9 +1,11 @@
 """Where a worker's time goes under the single-pair load: `python bench/profile.py [--seconds N]`.
 
 Starts `mgeo-service serve` (127.0.0.1, MGEO_* settings from the environment), drives it with
-wrk (single pairs, 32 connections) and samples every worker with `py-spy record` (on-CPU
-samples, all threads). Prints each step of a request's share of the samples and the top functions
-by own samples as Markdown tables, the form BENCHMARKS.md lists them in, and writes the collapsed stacks beside them.
+wrk (single pairs, 32 connections) and samples every worker with `py-spy record --gil`: the
+thread holding the GIL, that is the Python work every other thread of the worker queues for
+(torch releases the GIL while it computes). Prints each step's share of the samples and the
+top functions by own samples as Markdown tables, the form BENCHMARKS.md lists them in, and
+writes the collapsed stacks beside them.
 """
 from __future__ import annotations
 
@@ -20,6 +22,7 @@ sys.path.insert(0, ROOT)
 from bench.run import serve, wrk, wrk_result  # noqa: E402
 
 
+RATE = 500  # samples per second and worker
 # py-spy comes with the bench extra, beside this Python.
 PY_SPY = os.path.join(os.path.dirname(sys.executable), "py-spy")
 
@@ -72,7 +75,7 @@ def top_frames(stacks: list[str], count: int) -> tuple[int, list, list]:
 
 
 def table(title: str, rows: list, total: int) -> str:
-    lines = [f"| {title} | share of on-CPU samples |", "|---|---|"]
+    lines = [f"| {title} | share of GIL-held samples |", "|---|---|"]
     lines += [f"| `{name}` | {100 * n / total:.1f}% |" for name, n in rows]
     return "\n".join(lines)
 
@@ -89,7 +92,7 @@ def main() -> int:
         wrk(url + "/predict", 3, 32).communicate(timeout=60)  # warm-up
         load = wrk(url + "/predict", args.seconds + 4, 32)
         recorders = [subprocess.Popen([PY_SPY, "record", "--pid", str(pid), "--duration", str(args.seconds),
-                                       "--rate", "100", "--format", "raw", "--gil", "--nonblocking",
+                                       "--rate", str(RATE), "--format", "raw", "--gil", "--nonblocking",
                                        "--output", os.path.join(args.out, f"worker-{pid}.txt")],
                                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
                      for pid in worker_pids(process.process.pid)]
@@ -103,8 +106,9 @@ def main() -> int:
         with open(os.path.join(args.out, name), encoding="utf-8") as f:
             stacks += f.read().splitlines()
     total, steps, own = top_frames(stacks, args.top)
-    print(f"single pairs, 32 connections: {result['pairs_per_second']} pairs/s; {total} samples "
-          f"from {len(recorders)} workers, stacks in {args.out}\n")
+    held = total / (RATE * args.seconds * len(recorders))
+    print(f"single pairs, 32 connections: {result['pairs_per_second']} pairs/s; {total} samples from "
+          f"{len(recorders)} workers (the GIL held {100 * held:.0f}% of the time), stacks in {args.out}\n")
     print(table("step (inclusive)", steps, total) + "\n")
     print(table("function (own)", own, total))
     return 0
