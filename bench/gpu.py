@@ -1,7 +1,8 @@
 """The GPU figures of BENCHMARKS.md, on a CUDA host: `python bench/gpu.py OUT.json`.
 
-A base-size checkpoint (12 layers, hidden 768) in MGeo's ModelScope layout with random weights,
-served by `mgeo-service serve` on cuda with fp16 off and on; per setting the throughput of
+A base-size checkpoint (12 layers, hidden 768) in MGeo's ModelScope layout with random weights.
+In-process first: the packed forward against transformers' padded one (batches of 32 in arrival
+order), and its batches against each pair alone. Then served by `mgeo-service serve` on cuda with fp16 off and on; per setting the throughput of
 32-pair requests and of single pairs (Python client threads on 127.0.0.1, the project's own
 test pairs), the NVML gauges the sidecar reads during the load, and readiness while another
 process holds nearly all the free GPU memory. Needs no wrk and no shared data.
@@ -27,7 +28,7 @@ sys.path.insert(0, os.path.join(ROOT, "tests"))
 
 from conftest import Service, http, parse_metrics  # noqa: E402
 from mgeo_service.dataset import read_pairs  # noqa: E402
-from mgeo_service.matcher import DEFAULT_MODEL_DIR  # noqa: E402
+from mgeo_service.matcher import DEFAULT_MODEL_DIR, Matcher  # noqa: E402
 
 PAIRS = [{"address1": p.address1, "address2": p.address2}
          for name in ("address_pairs.tsv", "contrast_pairs.tsv")
@@ -96,15 +97,54 @@ def hold_gpu_memory() -> subprocess.Popen:
     return process
 
 
+def padded_forward(matcher: Matcher, encoded) -> torch.Tensor:
+    """transformers' own forward of a padded batch: what the packed forward replaces."""
+    width = max(len(ids) for ids, _ in encoded)
+    ids = torch.zeros((len(encoded), width), dtype=torch.long)
+    types, mask = torch.zeros_like(ids), torch.zeros_like(ids)
+    for row, (token_ids, type_ids) in enumerate(encoded):
+        ids[row, :len(token_ids)], types[row, :len(type_ids)] = torch.tensor(token_ids), torch.tensor(type_ids)
+        mask[row, :len(token_ids)] = 1
+    with torch.inference_mode():
+        logits = matcher.model(input_ids=ids.cuda(), token_type_ids=types.cuda(), attention_mask=mask.cuda()).logits
+    return torch.softmax(logits.float(), -1).cpu()
+
+
+def forwards(model: str) -> dict:
+    """In-process, batches of 32 in arrival order: the packed forward against transformers' padded one,
+    and the packed forward's batches against each pair alone."""
+    figures = {}
+    for fp16 in (False, True):
+        matcher = Matcher(model, device="cuda", fp16=fp16)
+        encoded = matcher.encode([(p["address1"], p["address2"]) for p in PAIRS]) * 4
+        batches = [encoded[i:i + 32] for i in range(0, len(encoded), 32)]
+        alone = torch.cat([matcher.forward([pair]) for pair in encoded[:len(PAIRS)]])
+        batched = torch.cat([matcher.forward(batch) for batch in batches])[:len(PAIRS)]
+        result = {"max_abs_difference_batched_vs_alone": (batched - alone).abs().max().item()}
+        for name, forward in (("packed", matcher.forward), ("transformers_padded", lambda b: padded_forward(matcher, b))):
+            for batch in batches[:3]:
+                forward(batch)
+            torch.cuda.synchronize()
+            started = time.perf_counter()
+            for batch in batches:
+                forward(batch)
+            torch.cuda.synchronize()
+            result[f"{name}_pairs_per_second"] = round(len(encoded) / (time.perf_counter() - started), 1)
+        figures[f"fp16={int(fp16)}"] = result
+    return figures
+
+
 def main(out: str) -> None:
     work = tempfile.mkdtemp(prefix="mgeo-gpu-")
     model = base_checkpoint(os.path.join(work, "mgeo-base-random"))
-    report = {"gpu": torch.cuda.get_device_name(0), "torch": torch.__version__, "settings": {}}
+    report = {"gpu": torch.cuda.get_device_name(0), "torch": torch.__version__, "forwards": forwards(model),
+              "settings": {}}
+    print(json.dumps(report["forwards"]), flush=True)
     for fp16 in ("0", "1"):
         folder = pathlib.Path(work, f"fp16-{fp16}")
         folder.mkdir()
         service = Service(folder, MGEO_MODEL_DIR=model, MGEO_DEVICE="cuda",
-                          MGEO_FP16=fp16, MGEO_WORKERS="2", MGEO_THREADS="16", MGEO_GPU_POLL_SECONDS="1",
+                          MGEO_FP16=fp16, MGEO_WORKERS="2", MGEO_GPU_POLL_SECONDS="1",
                           MGEO_READY_CACHE_SECONDS="0", MGEO_CACHE_SIZE="0").start()
         try:
             service.wait_ready(300)
