@@ -251,7 +251,8 @@ def directory_bytes(path: str) -> int:
 def churn(restarts: int) -> dict:
     """f: worker churn through max_requests; scrape time and directory size against no churn."""
     # Readiness probes would count towards max_requests too: wait for liveness only.
-    process, url, metrics_url, directory, _ = serve({"MGEO_MAX_REQUESTS": "2"}, ready_path="/health/live")
+    process, url, metrics_url, directory, _ = serve({"MGEO_MAX_REQUESTS": "2", "MGEO_WORKERS": "2"},
+                                                    ready_path="/health/live")
     try:
         started = time.monotonic()
         while True:
@@ -280,7 +281,7 @@ def churn(restarts: int) -> dict:
 
 def peer_litserve(seconds: int, connections: int) -> dict:
     port = free_port()
-    process = Process([sys.executable, os.path.join(HERE, "peers", "litserve_app.py"), str(port)])
+    process = Process([sys.executable, "-m", "bench.peers.litserve_app", str(port)])
     try:
         wait_for(f"http://127.0.0.1:{port}/health")
         return load(f"http://127.0.0.1:{port}/predict", seconds, connections)

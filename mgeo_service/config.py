@@ -80,7 +80,8 @@ SETTINGS = {
     "MGEO_TORCH_THREADS": _setting("0", _integer(0), "CPU threads each forward uses; 0: 1 when serving (forwards run "
                                    "side by side instead), every core for predict and evaluate"),
     "MGEO_BIND": _setting("0.0.0.0:5000", _bind, "address of the HTTP API"),
-    "MGEO_WORKERS": _setting("2", _integer(1, 64), "Gunicorn worker processes"),
+    "MGEO_WORKERS": _setting("1", _integer(1, 64), "Gunicorn worker processes; one holds every connection, so "
+                             "every request reaches the next free forward"),
     "MGEO_THREADS": _setting("64", _integer(1, 1024), "threads per worker (gthread); above the connections a worker "
                              "holds, so probes find one free"),
     "MGEO_GRACEFUL_TIMEOUT": _setting("30", _integer(1), "seconds in-flight requests get on SIGTERM/SIGHUP"),

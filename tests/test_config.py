@@ -10,7 +10,7 @@ from mgeo_service.config import SETTINGS, ConfigError, Settings, load_settings
 def test_defaults():
     settings = load_settings({})
     assert settings.bind == "0.0.0.0:5000"
-    assert (settings.workers, settings.threads) == (2, 64)
+    assert (settings.workers, settings.threads) == (1, 64)
     assert (settings.metrics_port, settings.metrics_bind) == (8000, "0.0.0.0")
     assert (settings.max_pairs, settings.max_body_bytes) == (64, 65536)
     assert (settings.ready_min_gpu_free_mb, settings.ready_cache_seconds) == (1024, 10)

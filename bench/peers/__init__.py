@@ -1,0 +1,27 @@
+"""The peers `make bench` compares against: the same weights served the way a user would write it with
+each framework, through transformers' own tokenizer and padded forward (not the service's matcher)."""
+from __future__ import annotations
+
+import torch
+from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+from mgeo_service.matcher import DEFAULT_MODEL_DIR
+
+
+class PlainModel:
+    """The default model as transformers loads it: a padded batch per call, softmax, labels."""
+
+    def __init__(self, threads: int):
+        torch.set_num_threads(threads)
+        self.tokenizer = AutoTokenizer.from_pretrained(DEFAULT_MODEL_DIR)
+        # float32 as the service runs it (the file stores float16, which a CPU runs far slower).
+        self.model = AutoModelForSequenceClassification.from_pretrained(DEFAULT_MODEL_DIR, dtype=torch.float32).eval()
+        self.labels = [self.model.config.id2label[i] for i in range(self.model.config.num_labels)]
+
+    @torch.inference_mode()
+    def predict(self, pairs: list[tuple[str, str]]) -> list[dict]:
+        batch = self.tokenizer([a for a, _ in pairs], [b for _, b in pairs], padding=True, truncation=True,
+                               max_length=128, return_tensors="pt")
+        probabilities = torch.softmax(self.model(**batch).logits, dim=-1)
+        return [{"label": self.labels[int(row.argmax())], "scores": dict(zip(self.labels, row.tolist()))}
+                for row in probabilities]

@@ -7,14 +7,14 @@ import os
 from flask import Flask, jsonify, request
 from prometheus_flask_exporter.multiprocess import GunicornPrometheusMetrics
 
-from mgeo_service.matcher import Matcher
+from bench.peers import PlainModel
 
 app = Flask(__name__)
 metrics = GunicornPrometheusMetrics(app)
-matcher = Matcher(device="cpu", threads=int(os.environ.get("BENCH_TORCH_THREADS", "1")))
+model = PlainModel(threads=int(os.environ.get("BENCH_TORCH_THREADS", "1")))
 
 
 @app.post("/predict")
 def predict():
     body = request.get_json()
-    return jsonify(matcher.predict([(body["address1"], body["address2"])])[0].as_dict())
+    return jsonify(model.predict([(body["address1"], body["address2"])])[0])

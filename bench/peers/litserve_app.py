@@ -1,21 +1,21 @@
-"""Peer: the same matcher behind LitServe with batching on (bench only)."""
+"""Peer: the same weights behind LitServe with batching on (bench only)."""
 import os
 import sys
 
 import litserve as ls
 
-from mgeo_service.matcher import Matcher
+from bench.peers import PlainModel
 
 
 class MGeoAPI(ls.LitAPI):
     def setup(self, device):
-        self.matcher = Matcher(device="cpu", threads=int(os.environ.get("BENCH_TORCH_THREADS", "2")))
+        self.model = PlainModel(threads=int(os.environ.get("BENCH_TORCH_THREADS", "2")))
 
     def decode_request(self, request):
         return request["address1"], request["address2"]
 
     def predict(self, pairs):  # a list of pairs: LitServe's batch
-        return [p.as_dict() for p in self.matcher.predict(list(pairs))]
+        return self.model.predict(list(pairs))
 
     def encode_response(self, output):
         return output
