@@ -28,6 +28,7 @@ sys.path.insert(0, os.path.join(ROOT, "tests"))
 
 from conftest import Service, http, parse_metrics  # noqa: E402
 from mgeo_service.dataset import read_pairs  # noqa: E402
+from bench.run import padded_forward  # noqa: E402
 from mgeo_service.matcher import DEFAULT_MODEL_DIR, Matcher  # noqa: E402
 
 PAIRS = [{"address1": p.address1, "address2": p.address2}
@@ -95,19 +96,6 @@ def hold_gpu_memory() -> subprocess.Popen:
     process = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
     assert process.stdout.readline().startswith("held")
     return process
-
-
-def padded_forward(matcher: Matcher, encoded) -> torch.Tensor:
-    """transformers' own forward of a padded batch: what the packed forward replaces."""
-    width = max(len(ids) for ids, _ in encoded)
-    ids = torch.zeros((len(encoded), width), dtype=torch.long)
-    types, mask = torch.zeros_like(ids), torch.zeros_like(ids)
-    for row, (token_ids, type_ids) in enumerate(encoded):
-        ids[row, :len(token_ids)], types[row, :len(type_ids)] = torch.tensor(token_ids), torch.tensor(type_ids)
-        mask[row, :len(token_ids)] = 1
-    with torch.inference_mode():
-        logits = matcher.model(input_ids=ids.cuda(), token_type_ids=types.cuda(), attention_mask=mask.cuda()).logits
-    return torch.softmax(logits.float(), -1).cpu()
 
 
 def forwards(model: str) -> dict:

@@ -25,6 +25,8 @@ import urllib.request
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
+import torch  # noqa: E402
+
 from mgeo_service.config import SETTINGS  # noqa: E402
 from mgeo_service.dataset import read_pairs  # noqa: E402
 
@@ -179,6 +181,47 @@ print(json.dumps({"pairs_per_second": round(len(items) / (time.perf_counter() - 
     return {"pairs_per_second": results[best], "best": best, "configs": results}
 
 
+def padded_forward(matcher, encoded) -> torch.Tensor:
+    """transformers' own forward of a padded batch on the matcher's weights: what the packed forward replaces."""
+    width = max(len(ids) for ids, _ in encoded)
+    ids = torch.zeros((len(encoded), width), dtype=torch.long)
+    types, mask = torch.zeros_like(ids), torch.zeros_like(ids)
+    for row, (token_ids, type_ids) in enumerate(encoded):
+        ids[row, :len(token_ids)], types[row, :len(type_ids)] = torch.tensor(token_ids), torch.tensor(type_ids)
+        mask[row, :len(token_ids)] = 1
+    device = matcher.device
+    with torch.inference_mode():
+        logits = matcher.model(input_ids=ids.to(device), token_type_ids=types.to(device),
+                               attention_mask=mask.to(device)).logits
+    return torch.softmax(logits.float(), -1).cpu()
+
+
+def forwards() -> dict:
+    """Forward alone on all cores, the 2,000 pairs once in batches of 32: the packed forward against
+    transformers' padded one, in arrival order and sorted by length across the whole stream."""
+    code = r"""
+import json, os, sys, time
+sys.path.insert(0, sys.argv[1])
+from bench.run import pairs, padded_forward
+from mgeo_service.matcher import Matcher, length_sorted_chunks
+matcher = Matcher(device="cpu", threads=os.cpu_count())
+encoded = matcher.encode(pairs())
+orders = {"arrival": [list(range(i, min(i + 32, len(encoded)))) for i in range(0, len(encoded), 32)],
+          "sorted": length_sorted_chunks(encoded, 32)}
+results = {}
+for name, forward in (("packed", matcher.forward), ("transformers_padded", lambda b: padded_forward(matcher, b))):
+    for order, chunks in orders.items():
+        forward([encoded[i] for i in chunks[0]])
+        started = time.perf_counter()
+        for chunk in chunks:
+            forward([encoded[i] for i in chunk])
+        results[f"{name} {order}"] = round(len(encoded) / (time.perf_counter() - started), 1)
+print(json.dumps(results))
+"""
+    out = subprocess.run([sys.executable, "-c", code, ROOT], capture_output=True, text=True, check=True, cwd=ROOT)
+    return json.loads(out.stdout.splitlines()[-1])
+
+
 def physical_limit() -> dict:
     """Model FLOPs per pair at the stream's mean length over the matmul FLOP/s this machine reaches."""
     code = r"""
@@ -244,6 +287,11 @@ def scrape_latencies(url: str, count: int = 200) -> dict:
     return {"p50_ms": round(times[len(times) // 2], 2), "p99_ms": round(times[int(len(times) * 0.99) - 1], 2)}
 
 
+def worker_starts(metrics_url: str) -> float:
+    text = urllib.request.urlopen(metrics_url, timeout=10).read().decode()
+    return float([line for line in text.splitlines() if line.startswith("mgeo_worker_starts_total")][0].split()[1])
+
+
 def directory_bytes(path: str) -> int:
     return sum(os.path.getsize(os.path.join(path, f)) for f in os.listdir(path))
 
@@ -258,8 +306,7 @@ def churn(restarts: int) -> dict:
         while True:
             for _ in range(50):
                 get(url + "/health/live")
-            text = urllib.request.urlopen(metrics_url, timeout=10).read().decode()
-            starts = float([l for l in text.splitlines() if l.startswith("mgeo_worker_starts_total")][0].split()[1])
+            starts = worker_starts(metrics_url)
             if starts - 2 >= restarts or time.monotonic() - started > 900:
                 break
         churned = {"worker_restarts": int(starts - 2), "seconds": round(time.monotonic() - started, 1),
@@ -267,7 +314,7 @@ def churn(restarts: int) -> dict:
                    "files": len(os.listdir(directory))}
     finally:
         process.stop()
-    process, url, metrics_url, directory, _ = serve()
+    process, url, metrics_url, directory, _ = serve({"MGEO_WORKERS": "2"})
     try:
         for _ in range(200):
             get(url + "/health/live")
@@ -331,11 +378,10 @@ def sighup(seconds: int, clients: int = 8) -> dict:
         for thread in threads:
             thread.start()
         time.sleep(seconds / 3)
-        before = len(statuses)
+        before, workers = len(statuses), worker_starts(metrics_url)
         process.process.send_signal(signal.SIGHUP)
         deadline = time.monotonic() + 120
-        while time.monotonic() < deadline and get(metrics_url) == 200 and "mgeo_worker_starts_total 4.0" not in \
-                urllib.request.urlopen(metrics_url, timeout=10).read().decode():
+        while time.monotonic() < deadline and worker_starts(metrics_url) < 2 * workers:  # the new workers
             time.sleep(0.2)
         time.sleep(seconds / 3)
     finally:
@@ -354,6 +400,7 @@ def main() -> int:
     parser.add_argument("--batch-connections", type=int, default=4, help="connections sending 32-pair requests")
     parser.add_argument("--restarts", type=int, default=1000)
     parser.add_argument("--out", default=os.path.join(HERE, "results", "latest.json"))
+    parser.add_argument("--only", nargs="+", metavar="STEP", help="run only these steps (no targets then)")
     args = parser.parse_args()
     results = {"machine": {"cpus": os.cpu_count(), "platform": platform.platform(),
                            "python": platform.python_version()},
@@ -361,12 +408,15 @@ def main() -> int:
                "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
 
     def step(name, run):
+        if args.only and name not in args.only:
+            return
         print(f"bench: {name} ...", file=sys.stderr, flush=True)
         results[name] = run()
         print(f"bench: {name}: {json.dumps(results[name])}", file=sys.stderr, flush=True)
 
     step("ceiling", ceiling)
     step("physical_limit", physical_limit)
+    step("forwards", forwards)
     ready_times = []
 
     def service(env: dict | None = None, repeat_share: float = 0.0) -> dict:
@@ -405,11 +455,15 @@ def main() -> int:
     step("service_repeat_heavy", lambda: service({"MGEO_CACHE_SIZE": SETTINGS["MGEO_CACHE_SIZE"]["default"]}, 0.9))
     step("sighup", lambda: sighup(args.seconds))
     step("churn", lambda: churn(args.restarts))
-    step("time_to_ready", lambda: {"seconds": [round(t, 2) for t in ready_times],
-                                   "median_seconds": round(statistics.median(ready_times), 2)})
+    if ready_times:
+        step("time_to_ready", lambda: {"seconds": [round(t, 2) for t in ready_times],
+                                       "median_seconds": round(statistics.median(ready_times), 2)})
     step("peer_litserve", lambda: peer_litserve(args.seconds, args.connections))
     step("peer_flask_exporter", lambda: peer_flask(args.seconds, args.connections))
 
+    if args.only:
+        print(json.dumps({name: results[name] for name in args.only if name in results}, indent=2))
+        return 0
     top = results["ceiling"]["pairs_per_second"]
     single = results["service"]["pairs_per_second"]
     results["targets"] = {
