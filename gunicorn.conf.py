@@ -15,6 +15,7 @@ from mgeo_service.server import SidecarSupervisor
 # its metrics, the model and CUDA are all created in each worker after the fork.
 import torch  # noqa: F401
 import transformers.models.bert.modeling_bert  # noqa: F401
+import mgeo_service.packed  # noqa: F401  (compiles its TorchScript once, here)
 
 _settings = load_settings_or_exit("mgeo-service")
 
@@ -43,12 +44,6 @@ def on_starting(server):
     if not path:
         sys.exit("mgeo-service: PROMETHEUS_MULTIPROC_DIR is not set; start with `mgeo-service serve`")
     multiproc.prepare(path)
-
-
-def post_fork(server, worker):
-    # A thread waiting for the GIL gets it within 1 ms instead of CPython's 5: a probe's few
-    # lines of Python no longer queue behind a stretch of other requests' Python.
-    sys.setswitchinterval(0.001)
 
 
 def when_ready(server):
