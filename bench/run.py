@@ -252,6 +252,18 @@ print(json.dumps({"mean_tokens": round(tokens, 2), "gflop_per_pair": round(flops
     return json.loads(out.stdout.splitlines()[-1])
 
 
+def single_pairs_with_probes(url: str, seconds: int, connections: int, repeat_share: float = 0.0) -> dict:
+    """Single pairs at ``connections`` after a warm-up, with liveness and readiness probed 10 times a
+    second each during the load: wrk's summary plus the probes' latencies."""
+    wrk(url + "/predict", 3, connections, repeat_share=repeat_share).communicate(timeout=60)
+    probes = {"live": Probe(url + "/health/live", seconds), "ready": Probe(url + "/health/ready", seconds)}
+    for probe in probes.values():
+        probe.start()
+    result = wrk_result(wrk(url + "/predict", seconds, connections, repeat_share=repeat_share))
+    result["probes"] = {name: probe.result() for name, probe in probes.items()}
+    return result
+
+
 class Probe(threading.Thread):
     """GETs a URL every `interval` seconds, like a Kubernetes probe, and keeps the latencies."""
 
@@ -287,9 +299,15 @@ def scrape_latencies(url: str, count: int = 200) -> dict:
     return {"p50_ms": round(times[len(times) // 2], 2), "p99_ms": round(times[int(len(times) * 0.99) - 1], 2)}
 
 
-def worker_starts(metrics_url: str) -> float:
+def scrape(metrics_url: str) -> dict[str, float]:
+    """Each sample of the sidecar's /metrics by its series, e.g. 'mgeo_cache_requests_total{result="hit"}'."""
     text = urllib.request.urlopen(metrics_url, timeout=10).read().decode()
-    return float([line for line in text.splitlines() if line.startswith("mgeo_worker_starts_total")][0].split()[1])
+    return {series: float(value) for series, _, value in
+            (line.rpartition(" ") for line in text.splitlines() if line and not line.startswith("#"))}
+
+
+def worker_starts(metrics_url: str) -> float:
+    return scrape(metrics_url)["mgeo_worker_starts_total"]
 
 
 def directory_bytes(path: str) -> int:
@@ -420,22 +438,15 @@ def main() -> int:
     ready_times = []
 
     def service(env: dict | None = None, repeat_share: float = 0.0) -> dict:
-        """Single pairs at --connections with liveness and readiness probed 10 times a second each."""
+        """Single pairs at --connections, probed (single_pairs_with_probes); ``env`` on top of serve's."""
         process, url, metrics_url, _, ready = serve(env)
         ready_times.append(ready)
         try:
-            wrk(url + "/predict", 3, args.connections, repeat_share=repeat_share).communicate(timeout=60)
-            probes = {"live": Probe(url + "/health/live", args.seconds),
-                      "ready": Probe(url + "/health/ready", args.seconds)}
-            for probe in probes.values():
-                probe.start()
-            result = wrk_result(wrk(url + "/predict", args.seconds, args.connections, repeat_share=repeat_share))
-            result["probes"] = {name: probe.result() for name, probe in probes.items()}
+            result = single_pairs_with_probes(url, args.seconds, args.connections, repeat_share)
             if repeat_share:
-                text = urllib.request.urlopen(metrics_url, timeout=10).read().decode()
-                counts = {r: float(line.split()[-1]) for line in text.splitlines() for r in ("hit", "miss")
-                          if line.startswith(f'mgeo_cache_requests_total{{result="{r}"}}')}
-                result["cache_hit_ratio"] = round(counts["hit"] / (counts["hit"] + counts["miss"]), 3)
+                samples = scrape(metrics_url)
+                hits, misses = (samples[f'mgeo_cache_requests_total{{result="{r}"}}'] for r in ("hit", "miss"))
+                result["cache_hit_ratio"] = round(hits / (hits + misses), 3)
             return result
         finally:
             process.stop()

@@ -13,7 +13,7 @@ import sys
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from bench.run import Probe, load, serve, wrk, wrk_result  # noqa: E402
+from bench.run import load, serve, single_pairs_with_probes  # noqa: E402
 
 CORES = str(os.cpu_count())
 LAYOUTS = [  # MGEO_* settings; the rest are the defaults
@@ -37,16 +37,12 @@ def main() -> int:
         for layout in LAYOUTS:
             process, url, _, _, _ = serve({f"MGEO_{name}": value for name, value in layout.items()})
             try:
-                wrk(url + "/predict", 3, 32).communicate(timeout=60)  # warm-up
-                probes = [Probe(url + "/health/live", args.seconds), Probe(url + "/health/ready", args.seconds)]
-                for probe in probes:
-                    probe.start()
-                single = wrk_result(wrk(url + "/predict", args.seconds, 32))
-                live, ready = (probe.result() for probe in probes)
+                single = single_pairs_with_probes(url, args.seconds, 32)
                 batch = load(url + "/predict", args.seconds, 4, batch=32)
             finally:
                 process.stop()
             name = " ".join(f"{key}={value}" for key, value in layout.items())
+            live, ready = single["probes"]["live"], single["probes"]["ready"]
             print(f"| {name} | {single['pairs_per_second']} | {live['p99_ms']} | {ready['p99_ms']} | "
                   f"{batch['pairs_per_second']} |", flush=True)
     return 0
