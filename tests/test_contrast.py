@@ -1,7 +1,9 @@
 """The training's contrast-pair generator, on a small gazetteer in the admin_divisions format."""
+from collections import Counter
+
 import pytest
 
-from mgeo_service.train.contrast import KINDS, ContrastGenerator, Gazetteer, full_width, hanzi_number
+from mgeo_service.train.contrast import KINDS, SHARES, ContrastGenerator, Gazetteer, full_width, hanzi_number
 
 DIVISIONS = {
     "provinces.csv": "code,name\n11,北京市\n22,吉林省\n",
@@ -33,7 +35,10 @@ def test_parse_finds_the_divisions_and_refuses_an_ambiguous_district(gazetteer):
 
 @pytest.mark.parametrize("kind, address, expected", [
     ("other_district", "北京市朝阳区建国路88号", "北京市海淀区建国路88号"),
-    ("same_name_other_city", "北京市朝阳区建国路88号", "吉林省长春市朝阳区建国路88号"),
+    ("same_name_other_city", "北京市朝阳区建国路88号", "长春市朝阳区建国路88号"),  # written as the original is
+    ("same_name_other_city", "长春市朝阳区人民大街1号", "北京市朝阳区人民大街1号"),
+    ("same_name_other_city", "吉林省长春市朝阳区人民大街1号", "北京市朝阳区人民大街1号"),
+    ("same_name_other_city", "北京朝阳区建国路88号", "长春市朝阳区建国路88号"),
     ("other_road", "北京市朝阳区建国路88号", "北京市朝阳区光华路88号"),
     ("drop_province_city", "吉林省长春市南关区人民大街1号", "南关区人民大街1号"),
     ("drop_suffixes", "吉林省长春市南关区人民大街1号", "吉林长春南关人民大街1号"),
@@ -61,6 +66,16 @@ def test_pairs_are_seeded_labelled_by_kind_and_distinct(gazetteer):
     assert all(p.label == KINDS[p.kind] for p in pairs)
     assert len({(p.address1, p.address2) for p in pairs}) == len(pairs)
     assert {p.kind for p in pairs} >= {"other_district", "other_number", "drop_suffixes", "add_detail"}
+
+
+def test_each_kind_takes_its_share(gazetteer):
+    roads = ["建国路", "光华路", "人民大街", "解放大路"]
+    addresses = [f"{place}{road}{n}号" for place in ("北京市朝阳区", "吉林省长春市朝阳区")
+                 for road in roads for n in range(1, 6)]  # every kind applies to each
+    pairs = ContrastGenerator(gazetteer, addresses, seed=5).pairs(len(KINDS) * 10 + 10)
+    counts = Counter(p.kind for p in pairs)
+    assert counts == {kind: 10 * SHARES[kind] for kind in KINDS}
+    assert counts["same_name_other_city"] == 2 * counts["other_district"]  # drawn twice as often
 
 
 @pytest.mark.parametrize("number, text", [(1, "一"), (10, "十"), (12, "十二"), (20, "二十"), (88, "八十八"),

@@ -5,13 +5,18 @@ not its characters: two districts of one city are two places however many charac
 they share, and 北京市海淀区 is 北京海淀. Each kind changes one thing:
 
 not_match     other_district (a sibling district of the same city), same_name_other_city
-              (北京市朝阳区 / 长春市朝阳区), other_number (another house number), other_road
-              (another road of the same district, taken from another real address)
+              (北京市朝阳区 / 长春市朝阳区, written in the original's form: city only, province
+              only or both), other_number (another house number), other_road (another road of
+              the same district, taken from another real address)
 exact_match   drop_province_city, drop_suffixes (省/市/区/县 dropped), number_forms (1号 /
               一号, full-width digits), spacing (spaces and punctuation)
 partial_match add_detail: a building, floor, room or shop added (CCKS labels such pairs
               partial: of its pairs where one address extends the other, 276 are partial,
               161 not_match, 72 exact)
+
+same_name_other_city is drawn twice as often as the others (``SHARES``): only about one
+address in six has a district whose name another city shares, and it is the change a
+character-overlap model misses most.
 
 Addresses are parsed against ``admin_divisions/`` (the 2023 divisions of China).
 """
@@ -32,6 +37,9 @@ KINDS = {
     "other_road": NOT_MATCH, "drop_province_city": EXACT_MATCH, "drop_suffixes": EXACT_MATCH,
     "number_forms": EXACT_MATCH, "spacing": EXACT_MATCH, "add_detail": PARTIAL_MATCH,
 }
+SHARES = {**{kind: 1 for kind in KINDS}, "same_name_other_city": 2}
+# The province-level cities: their districts sit under the province's own name (北京市朝阳区).
+_MUNICIPALITIES = ("11", "12", "31", "50")
 _PROVINCE_SUFFIXES = ("维吾尔自治区", "壮族自治区", "回族自治区", "特别行政区", "自治区", "省", "市")
 _AREA_SUFFIXES = ("区", "县", "市")
 _NUMBER = re.compile(r"(?<![\d-])(\d{1,4})号")
@@ -179,24 +187,36 @@ class ContrastGenerator:
                 self.roads_by_area[p.area.code].add(road.group())
 
     def pairs(self, count: int) -> list[LabelledPair]:
-        """``count`` pairs, the kinds in turn; a kind that does not apply to an address is skipped."""
+        """``count`` pairs, the kinds in turn by their ``SHARES``; a smaller count gives a prefix of a larger one.
+
+        Each kind walks the addresses in its own shuffled order and skips those it does not
+        apply to; a kind that runs out of addresses drops out of the turn.
+        """
+        seen = set()
+        streams = {kind: self._stream(kind, seen) for kind in KINDS}
+        turn = [kind for kind in KINDS for _ in range(SHARES[kind])]
+        out = []
+        while turn and len(out) < count:
+            for kind in list(turn):
+                pair = next(streams[kind], None)
+                if pair is None:
+                    turn = [k for k in turn if k != kind]
+                elif len(out) < count:
+                    out.append(pair)
+        return out
+
+    def _stream(self, kind: str, seen: set):
         order = list(range(len(self.parsed)))
         self.rng.shuffle(order)
-        kinds = list(KINDS)
-        out, seen = [], set()
-        for i, index in enumerate(order * 3):
-            if len(out) >= count:
-                break
-            kind = kinds[i % len(kinds)]
-            changed = getattr(self, kind)(self.parsed[index])
-            original = self.parsed[index].address
+        for index in order:
+            parsed = self.parsed[index]
+            original, changed = parsed.address, getattr(self, kind)(parsed)
             if not changed or changed == original or (original, changed) in seen:
                 continue
             seen.add((original, changed))
             if KINDS[kind] == NOT_MATCH and self.rng.random() < 0.3:
-                original = self.drop_suffixes(self.parsed[index]) or original  # both changes at once
-            out.append(LabelledPair(original, changed, KINDS[kind], kind))
-        return out
+                original = self.drop_suffixes(parsed) or original  # both changes at once
+            yield LabelledPair(original, changed, KINDS[kind], kind)
 
     def other_district(self, p: Parsed) -> str | None:
         siblings = [a for a in self.gazetteer.areas_by_city[p.area.parent] if a.name != p.area.name]
@@ -206,12 +226,21 @@ class ContrastGenerator:
         return p.address[:p.area_span[0]] + other.name + p.rest
 
     def same_name_other_city(self, p: Parsed) -> str | None:
+        """The district of that name in another city, its divisions written as the original's are."""
         others = [a for a in self.gazetteer.areas_by_name[p.area.name] if a.parent != p.area.parent]
         if not others or not (p.city or p.province):
             return None
         other = self.rng.choice(others)
         province, city = self.gazetteer.province_of(other), self.gazetteer.city_of(other)
-        return _divisions_text(province, city, other) + p.rest
+        if p.province_span and p.city_span:
+            divisions = (province, city)  # 吉林省长春市朝阳区
+        elif p.city_span or p.province.code in _MUNICIPALITIES:
+            divisions = (city or province,)  # 北京市朝阳区 / 长春市朝阳区: a municipality is its own city
+        else:
+            divisions = (province,)  # 广东省南山区 / 黑龙江省南山区
+        short = p.province_span is not None and p.address[slice(*p.province_span)] == p.province.short
+        head = "".join(d.short if short and d is province else d.name for d in divisions if d)
+        return head + other.name + p.rest
 
     def other_number(self, p: Parsed) -> str | None:
         match = _NUMBER.search(p.rest)

@@ -1,7 +1,7 @@
 """The fine-tuning loop both stages share: length-bucketed batches, AdamW, optional distillation.
 
 An example is ``(input_ids, token_type_ids, label, soft)``: ``label`` is -1 for a pair only the
-teacher labels, ``soft`` the teacher's logits (or None when nothing is distilled).
+teacher labels, ``soft`` the teacher's logits, or None for a pair the teacher never scored.
 """
 from __future__ import annotations
 
@@ -30,8 +30,12 @@ def encode(encode_pairs: EncodePairs, pairs: Sequence[LabelledPair], both_orders
     if both_orders:
         ordered += [(p.address2, p.address1, p.label) for p in pairs]
     tokens = encode_pairs([a for a, _, _ in ordered], [b for _, b, _ in ordered])
-    return [(ids, types, label, soft(a, b) if soft else None)
-            for (ids, types), (a, b, label) in zip(tokens, ordered)]
+    examples = [(ids, types, label, soft(a, b) if soft else None)
+                for (ids, types), (a, b, label) in zip(tokens, ordered)]
+    if any(label < 0 and logits is None for _, _, label, logits in examples):
+        raise KeyError("an unlabelled pair without a soft label: re-run `mgeo-service train --stage teacher` "
+                       "with --unlabelled at least the student's")
+    return examples
 
 
 def batches(examples, batch_size: int, rng: random.Random | None) -> list[list[int]]:
@@ -60,9 +64,10 @@ def collate(examples, index, device):
         types[row, :len(type_ids)] = torch.tensor(type_ids)
         mask[row, :len(input_ids)] = 1
     labels = torch.tensor([examples[i][2] for i in index])
-    soft = (torch.tensor(np.stack([examples[i][3] for i in index]), dtype=torch.float32)
-            if examples[index[0]][3] is not None else None)
-    return ids.to(device), types.to(device), mask.to(device), labels.to(device), soft
+    # Rows the teacher never scored get NaN, so the loss can tell them apart.
+    soft = torch.tensor(np.stack([examples[i][3] if examples[i][3] is not None else np.full(len(LABELS), np.nan)
+                                  for i in index]), dtype=torch.float32)
+    return ids.to(device), types.to(device), mask.to(device), labels.to(device), soft.to(device)
 
 
 @torch.inference_mode()
@@ -101,17 +106,30 @@ def class_weights(examples) -> torch.Tensor:
     return weights / weights.mean()
 
 
+def example_losses(logits, labels, soft, weights, alpha: float, temperature: float) -> torch.Tensor:
+    labelled = labels >= 0
+    hard = torch.nn.functional.cross_entropy(logits, labels.clamp(min=0), reduction="none") \
+        * weights[labels.clamp(min=0)] * labelled
+    distilled = ~soft.isnan().any(-1)
+    if not alpha or not distilled.any():
+        return hard
+    teacher = torch.softmax(soft.nan_to_num() / temperature, dim=-1)
+    student = torch.log_softmax(logits / temperature, dim=-1)
+    kl = torch.nn.functional.kl_div(student, teacher, reduction="none").sum(-1) * temperature ** 2
+    return torch.where(distilled, alpha * kl + (1 - alpha) * hard, hard)
+
+
 def fit(model, train_set, val_set, val_labels: list[int], *, epochs: int, batch_size: int,
         learning_rate: float, seed: int, device="cpu", alpha: float = 0.0, temperature: float = 2.0,
         name: str = "model") -> dict:
     """Fine-tune in place; the epoch best on validation macro-F1 is loaded back at the end.
 
-    The loss is ``alpha * KL(teacher || student) * T^2 + (1 - alpha) * weighted cross-entropy``;
-    unlabelled examples add only the first term.
+    Each example's loss is ``alpha * KL(teacher || student) * T^2 + (1 - alpha) * cross-entropy``
+    (weighted by class); an unlabelled example has only the first term, and one the teacher never
+    scored only the second, at full weight. A batch's loss is their mean.
     """
     model.to(device)
-    weights = class_weights(train_set)
-    hard_loss = torch.nn.CrossEntropyLoss(weight=weights.to(device), ignore_index=-1)
+    weights = class_weights(train_set).to(device)
     optimiser = torch.optim.AdamW(model.parameters(), lr=learning_rate, weight_decay=0.01)
     rng = random.Random(seed)
     total_steps = math.ceil(len(train_set) / batch_size) * epochs
@@ -129,12 +147,7 @@ def fit(model, train_set, val_set, val_labels: list[int], *, epochs: int, batch_
             ids, types, mask, labels, soft = collate(train_set, index, device)
             with _autocast(device):
                 logits = model(input_ids=ids, token_type_ids=types, attention_mask=mask).logits.float()
-            loss = (1 - alpha) * hard_loss(logits, labels) if (labels >= 0).any() else logits.sum() * 0
-            if alpha and soft is not None:
-                teacher = torch.softmax(soft.to(device) / temperature, dim=-1)
-                student = torch.log_softmax(logits / temperature, dim=-1)
-                loss = loss + alpha * torch.nn.functional.kl_div(student, teacher, reduction="batchmean") \
-                    * temperature ** 2
+            loss = example_losses(logits, labels, soft, weights, alpha, temperature).mean()
             optimiser.zero_grad()
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)

@@ -1,0 +1,56 @@
+"""The training loop's pieces: examples with and without the teacher's soft labels, and their losses."""
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from mgeo_service.dataset import LabelledPair
+from mgeo_service.train.fit import collate, encode, example_losses
+
+TEACHER = {("甲", "乙"): np.array([2.0, 0.0, -1.0], dtype=np.float32),
+           ("丙", "丁"): np.array([0.0, 1.0, 0.0], dtype=np.float32)}
+
+
+def encode_pairs(firsts, seconds):
+    return [([2, 10 + i, 3, 20 + i, 3], [0, 0, 0, 1, 1]) for i, _ in enumerate(zip(firsts, seconds))]
+
+
+def test_a_pair_the_teacher_never_scored_keeps_its_label_only():
+    pairs = [LabelledPair("甲", "乙", 0, "ccks"), LabelledPair("丙", "丁", -1, "unlabelled"),
+             LabelledPair("戊", "己", 2, "contrast")]
+    examples = encode(encode_pairs, pairs, both_orders=False, soft=lambda a, b: TEACHER.get((a, b)))
+    _, _, _, labels, soft = collate(examples, [0, 1, 2], "cpu")
+    assert soft[:2].tolist() == [t.tolist() for t in TEACHER.values()] and soft[2].isnan().all()
+
+    logits = torch.tensor([[0.5, 0.1, -0.2], [0.0, 0.3, 0.1], [0.2, 0.0, 0.4]])
+    weights = torch.tensor([0.5, 1.0, 1.5])
+    alpha, temperature = 0.8, 2.0
+    losses = example_losses(logits, labels, soft, weights, alpha, temperature)
+
+    def kl(row):
+        teacher = torch.softmax(soft[row] / temperature, -1)
+        return float((teacher * (teacher.log() - torch.log_softmax(logits[row] / temperature, -1))).sum()) \
+            * temperature ** 2
+
+    def ce(row, label):
+        return -float(torch.log_softmax(logits[row], -1)[label]) * float(weights[label])
+
+    assert losses[0].item() == pytest.approx(alpha * kl(0) + (1 - alpha) * ce(0, 0), rel=1e-5)
+    assert losses[1].item() == pytest.approx(alpha * kl(1), rel=1e-5)  # unlabelled: the teacher only
+    assert losses[2].item() == pytest.approx(ce(2, 2), rel=1e-5)  # never scored: its label, at full weight
+    assert all(math.isfinite(x) for x in losses.tolist())
+
+
+def test_an_unlabelled_pair_needs_a_soft_label():
+    with pytest.raises(KeyError, match="--stage teacher"):
+        encode(encode_pairs, [LabelledPair("戊", "己", -1, "unlabelled")], both_orders=True,
+               soft=lambda a, b: TEACHER.get((a, b)))
+
+
+def test_without_distillation_every_loss_is_the_label_s():
+    examples = encode(encode_pairs, [LabelledPair("甲", "乙", 1, "ccks")], both_orders=True)
+    _, _, _, labels, soft = collate(examples, [0, 1], "cpu")
+    logits = torch.tensor([[0.5, 0.1, -0.2], [0.0, 0.3, 0.1]])
+    losses = example_losses(logits, labels, soft, torch.ones(3), alpha=0.0, temperature=2.0)
+    assert losses.tolist() == pytest.approx(torch.nn.functional.cross_entropy(logits, labels, reduction="none").tolist())
