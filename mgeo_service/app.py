@@ -123,7 +123,7 @@ def default_loader(settings: Settings) -> ModelLoader:
     def load():
         return Matcher(settings.model_dir or None, device=settings.device, max_length=settings.max_length,
                        batch_size=settings.batch_max_pairs, threads=settings.worker_torch_threads,
-                       fp16=settings.fp16)
+                       fp16=settings.fp16, int8=settings.int8)
     return ModelLoader(load)
 
 
@@ -154,7 +154,7 @@ def create_app(settings: Settings | None = None, loader: ModelLoader | None = No
         loader.wait()
         if loader.state == READY:
             matcher = loader.matcher
-            metrics.MODEL_INFO.labels(matcher.name, matcher.version, str(matcher.device)).set(1)
+            metrics.MODEL_INFO.labels(matcher.name, matcher.version, str(matcher.device), matcher.precision).set(1)
         readiness.current()  # publish mgeo_model_ready without waiting for a probe
 
     loader.start()

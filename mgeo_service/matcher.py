@@ -99,7 +99,7 @@ class Matcher:
 
     def __init__(self, model_dir: str | None = None, device: str = "auto",
                  max_length: int = DEFAULT_MAX_LENGTH, batch_size: int = 64,
-                 threads: int | None = None, fp16: bool = False):
+                 threads: int | None = None, fp16: bool = False, int8: bool = False):
         started = time.perf_counter()
         self.model_dir = model_dir or DEFAULT_MODEL_DIR
         if threads:
@@ -114,16 +114,20 @@ class Matcher:
         self.max_length = max_length
         self.batch_size = batch_size
         model = build_model(checkpoint)
-        if fp16 and self.device.type == "cuda":
+        # Each applies on its own kind of device only, so one configuration serves a mixed fleet.
+        on_cpu = self.device.type == "cpu"
+        self.precision = "int8" if int8 and on_cpu else "float16" if fp16 and self.device.type == "cuda" \
+            else "float32"
+        if self.precision == "float16":
             model = model.half()
         self.model = model.to(self.device)
         try:
-            self._packed = PackedBert(self.model)
+            self._packed = PackedBert(self.model, int8=self.precision == "int8")
         except ValueError as exc:
             raise CheckpointError(f"checkpoint cannot be served: {exc}") from exc
         self.load_seconds = time.perf_counter() - started
-        log.info("model %s@%s (%s layout) loaded on %s in %.2fs",
-                 self.name, self.version, self.layout, self.device, self.load_seconds)
+        log.info("model %s@%s (%s layout) loaded on %s in %s in %.2fs",
+                 self.name, self.version, self.layout, self.device, self.precision, self.load_seconds)
 
     @property
     def model_id(self) -> str:

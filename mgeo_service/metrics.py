@@ -41,7 +41,7 @@ MODEL_READY = Gauge(
     multiprocess_mode="livesum")
 MODEL_INFO = Gauge(
     "mgeo_model_info", "The model each worker serves (value 1).",
-    ["model", "version", "device"], multiprocess_mode="livemax")
+    ["model", "version", "device", "precision"], multiprocess_mode="livemax")
 WORKERS_NOT_READY = Gauge(
     "mgeo_workers_not_ready", "Workers whose last readiness check failed, by reason (alerts carry the reason).",
     ["reason"], multiprocess_mode="livesum")

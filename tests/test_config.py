@@ -37,7 +37,7 @@ def test_every_setting_is_declared_once():
 
 @pytest.mark.parametrize("name, value", [
     ("MGEO_WORKERS", "zero"), ("MGEO_WORKERS", "0"), ("MGEO_DEVICE", "tpu"), ("MGEO_BIND", "5000"),
-    ("MGEO_METRICS_PORT", "70000"), ("MGEO_FP16", "maybe"), ("MGEO_LOG_LEVEL", "loud"),
+    ("MGEO_METRICS_PORT", "70000"), ("MGEO_FP16", "maybe"), ("MGEO_INT8", "2"), ("MGEO_LOG_LEVEL", "loud"),
     ("MGEO_READY_CACHE_SECONDS", "-1"), ("MGEO_MAX_PAIRS", ""),
 ])
 def test_bad_values_name_the_variable(name, value):

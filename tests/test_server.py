@@ -68,7 +68,8 @@ def test_service_metrics_and_worker_replacement(service_factory):
     assert samples[("mgeo_model_ready", ())] == 2
     info = counters(samples, "mgeo_model_info")
     assert len(info) == 1 and list(info.values()) == [1.0]
-    assert dict(next(iter(info)))["device"] == "cpu" and dict(next(iter(info)))["model"] == "mgeo-default"
+    assert {k: dict(next(iter(info)))[k] for k in ("device", "model", "precision")} == \
+        {"device": "cpu", "model": "mgeo-default", "precision": "float32"}
     assert samples[("mgeo_worker_starts_total", ())] == 2
     assert counters(samples, "mgeo_readiness_failures_total") == {}
     assert samples[("mgeo_nvml_up", ())] == 1
