@@ -197,19 +197,21 @@ def padded_forward(matcher, encoded) -> torch.Tensor:
 
 
 def forwards() -> dict:
-    """Forward alone on all cores, the 2,000 pairs once in batches of 32: the packed forward against
-    transformers' padded one, in arrival order and sorted by length across the whole stream."""
+    """Forward alone on all cores, the 2,000 pairs once in batches of 32: the packed forward (float32 and
+    int8) against transformers' padded one, in arrival order and sorted by length across the whole stream."""
     code = r"""
 import json, os, sys, time
 sys.path.insert(0, sys.argv[1])
 from bench.run import pairs, padded_forward
 from mgeo_service.matcher import Matcher, length_sorted_chunks
 matcher = Matcher(device="cpu", threads=os.cpu_count())
+int8 = Matcher(device="cpu", int8=True)
 encoded = matcher.encode(pairs())
 orders = {"arrival": [list(range(i, min(i + 32, len(encoded)))) for i in range(0, len(encoded), 32)],
           "sorted": length_sorted_chunks(encoded, 32)}
 results = {}
-for name, forward in (("packed", matcher.forward), ("transformers_padded", lambda b: padded_forward(matcher, b))):
+for name, forward in (("packed", matcher.forward), ("packed_int8", int8.forward),
+                      ("transformers_padded", lambda b: padded_forward(matcher, b))):
     for order, chunks in orders.items():
         forward([encoded[i] for i in chunks[0]])
         started = time.perf_counter()
@@ -462,6 +464,7 @@ def main() -> int:
     step("service", service)
     step("service_batch", service_batch)
     step("service_metrics_off", lambda: service({"MGEO_METRICS": "0"}))
+    step("service_int8", lambda: service({"MGEO_INT8": "1"}))
     # The only scenario with the result cache on (as shipped): 90% of requests repeat 200 pairs.
     step("service_repeat_heavy", lambda: service({"MGEO_CACHE_SIZE": SETTINGS["MGEO_CACHE_SIZE"]["default"]}, 0.9))
     step("sighup", lambda: sighup(args.seconds))
