@@ -52,7 +52,7 @@ bench: install
 	$(PY) -m pip install -q -e '.[bench]'
 	$(PY) bench/run.py
 
-# The student stage: the shipped weights, from the committed teacher soft labels (CPU, about 70 minutes).
+# The student stage: the shipped weights, from the committed teacher soft labels (2 idle CPU cores: about 65 minutes).
 train: install
 	$(PY) -m pip install -q -e '.[train]'
 	$(VENV)/bin/mgeo-service train --data ../shared/data --out mgeo_service/models/default --splits run/splits
