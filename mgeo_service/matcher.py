@@ -115,9 +115,8 @@ class Matcher:
         self.batch_size = batch_size
         model = build_model(checkpoint)
         # Each applies on its own kind of device only, so one configuration serves a mixed fleet.
-        on_cpu = self.device.type == "cpu"
-        self.precision = "int8" if int8 and on_cpu else "float16" if fp16 and self.device.type == "cuda" \
-            else "float32"
+        self.precision = ("int8" if int8 and self.device.type == "cpu" else
+                          "float16" if fp16 and self.device.type == "cuda" else "float32")
         if self.precision == "float16":
             model = model.half()
         self.model = model.to(self.device)

@@ -107,6 +107,7 @@ def class_weights(examples) -> torch.Tensor:
 
 
 def example_losses(logits, labels, soft, weights, alpha: float, temperature: float) -> torch.Tensor:
+    """Each example's loss, as ``fit`` describes it; ``soft`` is NaN where the teacher never scored."""
     labelled = labels >= 0
     hard = torch.nn.functional.cross_entropy(logits, labels.clamp(min=0), reduction="none") \
         * weights[labels.clamp(min=0)] * labelled
