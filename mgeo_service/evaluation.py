@@ -57,5 +57,6 @@ def evaluate(matcher, pairs: Sequence[LabelledPair]) -> dict:
         "load_seconds": round(matcher.load_seconds, 3),
         "max_length": matcher.max_length,
         "batch_size": matcher.batch_size,
+        "precision": matcher.precision,
     })
     return report

@@ -1,5 +1,6 @@
 """`mgeo-service evaluate` and `predict` on the command line, and the figures behind them."""
 import json
+import os
 import subprocess
 import sys
 
@@ -11,8 +12,9 @@ from mgeo_service.evaluation import classification_report
 from conftest import DATA
 
 
-def run_cli(*args):
-    return subprocess.run([sys.executable, "-m", "mgeo_service", *args], capture_output=True, text=True, timeout=300)
+def run_cli(*args, **environment):
+    return subprocess.run([sys.executable, "-m", "mgeo_service", *args], capture_output=True, text=True, timeout=300,
+                          env={**os.environ, **environment})
 
 
 def test_classification_report_by_hand():
@@ -34,7 +36,14 @@ def test_evaluate_prints_one_json_object():
     assert report["pairs"] == len(read_pairs(f"{DATA}/address_pairs.tsv"))
     assert set(report["per_label"]) == {"not_match", "partial_match", "exact_match"}
     assert all(set(v) >= {"precision", "recall", "f1"} for v in report["per_label"].values())
-    assert report["batch_size"] == 16
+    assert report["batch_size"] == 16 and report["precision"] == "float32"
+
+
+def test_evaluate_says_it_ran_in_int8():
+    result = run_cli("evaluate", f"{DATA}/address_pairs.tsv", MGEO_INT8="1")
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout)
+    assert report["precision"] == "int8" and report["pairs"] == len(read_pairs(f"{DATA}/address_pairs.tsv"))
 
 
 def test_evaluate_names_the_malformed_line(tmp_path):
