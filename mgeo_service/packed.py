@@ -104,8 +104,9 @@ def _int8(weight: torch.Tensor) -> list[torch.Tensor]:
     7 bits (at most 63): a pair of products then fits the int16 sums that int8 kernels use on
     CPUs without VNNI, so no host saturates.
     """
-    scale = weight.detach().float().abs().amax(1).clamp(min=1e-12) / 63
-    return [torch.round(weight.detach().float() / scale[:, None]).to(torch.int8).t().contiguous(), scale[None, :]]
+    weight = weight.detach().float()
+    scale = weight.abs().amax(1).clamp(min=1e-12) / 63
+    return [torch.round(weight / scale[:, None]).to(torch.int8).t().contiguous(), scale[None, :]]
 
 
 class PackedBert:

@@ -108,9 +108,8 @@ def class_weights(examples) -> torch.Tensor:
 
 def example_losses(logits, labels, soft, weights, alpha: float, temperature: float) -> torch.Tensor:
     """Each example's loss, as ``fit`` describes it; ``soft`` is NaN where the teacher never scored."""
-    labelled = labels >= 0
-    hard = torch.nn.functional.cross_entropy(logits, labels.clamp(min=0), reduction="none") \
-        * weights[labels.clamp(min=0)] * labelled
+    targets = labels.clamp(min=0)  # unlabelled rows (-1) get a target, then a hard loss of 0
+    hard = torch.nn.functional.cross_entropy(logits, targets, reduction="none") * weights[targets] * (labels >= 0)
     distilled = ~soft.isnan().any(-1)
     if not alpha or not distilled.any():
         return hard
