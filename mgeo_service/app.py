@@ -1,9 +1,10 @@
 """The HTTP API: ``create_app`` builds one Flask app per Gunicorn worker.
 
-A request flows: authenticate -> read and validate the JSON -> tokenise -> result
-cache -> (the pairs it lacks) micro-batcher -> matcher forward -> JSON. Every step
-that can go wrong answers with ``{"error": {"code", "message"}}`` and a 4xx (or 503
-while the model is not ready); addresses are never logged and never echoed back.
+A request flows: authenticate -> read and validate the JSON -> its deadline -> result
+cache -> (the pairs it lacks) micro-batcher: admission, tokenising, deadlines -> matcher
+forward -> JSON. Every step that can go wrong answers with ``{"error": {"code", "message"}}``
+and a 4xx (429 when the worker cannot answer in time, 503 while the model is not ready, 504
+when the deadline passed first); addresses are never logged and never echoed back.
 """
 from __future__ import annotations
 
@@ -12,16 +13,17 @@ import json
 import logging
 import os
 import re
+import socket
 import threading
 import time
 import uuid
 
 from flask import Flask, Response, g, request
-from werkzeug.exceptions import HTTPException, MethodNotAllowed
+from werkzeug.exceptions import HTTPException, MethodNotAllowed, RequestEntityTooLarge
 
 from . import logs, metrics
-from .batcher import InferenceError, MicroBatcher
-from .cache import ResultCache
+from .batcher import REJECTION_REASONS, InferenceError, MicroBatcher, Rejected
+from .cache import ResultCache, pair_key
 from .config import Settings, load_settings
 from .loader import READY, ModelLoader
 from .matcher import Matcher
@@ -31,6 +33,7 @@ log = logging.getLogger(__name__)
 access_log = logging.getLogger(logs.ACCESS_LOGGER)
 
 ADDRESS_FIELDS = ("address1", "address2")
+TIMEOUT_HEADER = "X-Request-Timeout-Ms"  # a client's own deadline, in milliseconds; it may only shorten the default
 _REQUEST_ID = re.compile(r"[A-Za-z0-9._:\-]{1,128}")
 with open(os.path.join(os.path.dirname(__file__), "openapi.json"), encoding="utf-8") as _spec:
     OPENAPI = json.load(_spec)  # the API's description, served at /openapi.json and kept true by tests
@@ -42,6 +45,17 @@ class ApiError(Exception):
     def __init__(self, status: int, code: str, message: str, headers: dict | None = None):
         super().__init__(message)
         self.status, self.code, self.message, self.headers = status, code, message, headers or {}
+
+
+def rejection(exc: Rejected) -> ApiError:
+    """The answer to a request the batcher refused."""
+    if exc.reason == "overloaded":
+        return ApiError(429, "overloaded", "this worker cannot answer in time now; retry after Retry-After seconds",
+                        {"Retry-After": str(exc.retry_after)})
+    if exc.reason == "deadline_exceeded":
+        return ApiError(504, "deadline_exceeded", "the request's deadline passed before its pairs were scored")
+    # Nobody reads this answer; the status tells the access log and the request counter what happened.
+    return ApiError(499, "client_gone", "the client closed the connection before its pairs were scored")
 
 
 def error_response(status: int, code: str, message: str, headers: dict | None = None) -> Response:
@@ -64,7 +78,14 @@ def read_json_body(max_bytes: int):
         raise ApiError(415, "unsupported_media_type", "Content-Type must be application/json")
     if request.content_length is not None and request.content_length > max_bytes:
         raise ApiError(413, "payload_too_large", f"body is larger than {max_bytes} bytes")
-    body = request.get_data(cache=False)
+    try:
+        body = request.get_data(cache=False)
+    except RequestEntityTooLarge:
+        raise
+    except Exception:  # the body reader's own errors: broken chunked framing, the client leaving mid-body
+        raise ApiError(400, "malformed_body", "the request body's HTTP framing is broken") from None
+    if request.content_length is not None and len(body) < request.content_length:
+        raise ApiError(400, "malformed_body", "the body ended before its Content-Length")
     if len(body) > max_bytes:
         raise ApiError(413, "payload_too_large", f"body is larger than {max_bytes} bytes")
     try:
@@ -119,6 +140,33 @@ def parse_predict_body(data, max_pairs: int, max_chars: int) -> tuple[list[tuple
     return [_pair(data, "", max_chars)], False
 
 
+def request_deadline(started: float, default_ms: int) -> float:
+    """The ``time.perf_counter()`` by which this request must be answered."""
+    header = request.headers.get(TIMEOUT_HEADER)
+    if header is None:
+        return started + default_ms / 1000
+    if not header.strip().isdigit() or int(header) < 1:
+        raise ApiError(400, "invalid_header", f"{TIMEOUT_HEADER} must be a whole number of milliseconds >= 1")
+    return started + min(int(header), default_ms) / 1000
+
+
+def client_gone_check():
+    """A check whether this request's client has closed its connection, where the server can tell
+    (Gunicorn gives the socket); None elsewhere."""
+    connection = request.environ.get("gunicorn.socket")
+    if connection is None:
+        return None
+
+    def gone() -> bool:
+        try:  # end of stream without consuming anything: the client closed (a pipelined request is data)
+            return connection.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) == b""
+        except BlockingIOError:
+            return False
+        except ConnectionError:
+            return True
+    return gone
+
+
 def default_loader(settings: Settings) -> ModelLoader:
     def load():
         return Matcher(settings.model_dir or None, device=settings.device, max_length=settings.max_length,
@@ -142,13 +190,18 @@ def create_app(settings: Settings | None = None, loader: ModelLoader | None = No
         with batcher_lock:
             if "batcher" not in batchers:
                 threads = settings.worker_batch_threads(on_gpu=matcher.device.type == "cuda")
+                # A request refused needs a thread too: a quarter of them stay free to refuse (and for probes),
+                # or new requests would wait for a thread, unseen by admission, until their clients give up.
                 batchers["batcher"] = MicroBatcher(matcher.forward, settings.batch_max_pairs,
-                                                   settings.batch_wait_ms / 1000, instrument, threads)
+                                                   settings.batch_wait_ms / 1000, instrument, threads,
+                                                   max_requests=settings.threads - settings.threads // 4)
             return batchers["batcher"]
 
     app = Flask(__name__)
     app.config["MAX_CONTENT_LENGTH"] = settings.max_body_bytes
     metrics.WORKER_STARTS.inc()
+    for reason in REJECTION_REASONS:  # every reason exported from the start, so rates and panels read 0
+        metrics.REJECTED_REQUESTS.labels(reason)
 
     def on_loaded():
         loader.wait()
@@ -232,19 +285,22 @@ def create_app(settings: Settings | None = None, loader: ModelLoader | None = No
         authenticate()
         data = read_json_body(settings.max_body_bytes)
         pairs, is_batch = parse_predict_body(data, settings.max_pairs, settings.max_address_chars)
+        deadline = request_deadline(g.started, settings.request_timeout_ms)
         # A worker that has just started (first start, reload, restart) answers once its model is in.
         loader.wait(settings.load_wait_seconds)
         if loader.state != READY:
             raise ApiError(503, "not_ready", f"the model is not ready ({loader.reason or 'model_loading'})",
                            {"Retry-After": "1"})
         matcher = loader.matcher
-        encoded = matcher.encode(pairs)
-        keys = [(matcher.model_id, tuple(ids), tuple(types)) for ids, types in encoded]
+        keys = [pair_key(matcher.model_id, a, b) for a, b in pairs]
         probabilities = cache.lookup(keys)
         missing = [i for i, row in enumerate(probabilities) if row is None]
         if missing:
             try:
-                scored = batcher_for(matcher).submit([encoded[i] for i in missing])
+                scored = batcher_for(matcher).submit(
+                    len(missing), lambda: matcher.encode([pairs[i] for i in missing]), deadline, client_gone_check())
+            except Rejected as exc:
+                raise rejection(exc) from None
             except InferenceError as exc:
                 raise ApiError(503, "inference_failed", f"{exc} ({exc.reason})", {"Retry-After": "1"}) from None
             cache.store([keys[i] for i in missing], scored)

@@ -1,17 +1,28 @@
-"""Micro-batching: concurrent requests in a worker share one model forward.
+"""Micro-batching with admission and deadlines: concurrent requests in a worker share model forwards.
 
-Request threads hand their encoded pairs to ``MicroBatcher.submit`` and block
-(asleep: a waiting request costs no CPU and does not hold the GIL). Each of
-``threads`` batching threads takes the first waiting request, lets others join
-for up to ``wait_seconds`` or until ``max_pairs`` pairs are waiting, runs the
-forwards (length-sorted chunks of at most ``max_pairs``) and hands each request
-its own rows back, in order. Several batching threads share one queue, so their
-forwards run side by side on separate cores while every request still goes to
-whichever forward starts next.
+Request threads hand their pairs to ``MicroBatcher.submit`` and block (asleep: a waiting
+request costs no CPU and does not hold the GIL). Each of ``threads`` batching threads takes
+the first waiting request, lets others join for up to ``wait_seconds`` or until ``max_pairs``
+pairs are waiting, runs the forwards (length-sorted chunks of at most ``max_pairs``) and hands
+each request its own rows back, in order. Several batching threads share one queue, so their
+forwards run side by side on separate cores while every request still goes to whichever
+forward starts next.
+
+Work nobody will wait for is never computed:
+
+- **admission**: a request is refused (``overloaded``) before it is even tokenised when the
+  pairs already waiting, at the forward rate this worker measures, would keep it from being
+  answered by its deadline. The bound is in seconds of this worker's own work, so it fits
+  any model and device without a setting;
+- **deadlines**: a request whose deadline passes before its forward starts gets
+  ``deadline_exceeded`` at its deadline, and its pairs are skipped;
+- **a client gone**: a request whose client has closed the connection before its forward
+  starts is skipped (``client_gone``).
 """
 from __future__ import annotations
 
 import logging
+import math
 import queue
 import threading
 import time
@@ -26,6 +37,8 @@ from .matcher import forward_in_chunks
 log = logging.getLogger(__name__)
 
 Encoded = tuple[list[int], list[int]]
+QUEUED, RUNNING, DROPPED = "queued", "running", "dropped"
+REJECTION_REASONS = ("overloaded", "deadline_exceeded", "client_gone")
 
 
 class InferenceError(Exception):
@@ -36,59 +49,187 @@ class InferenceError(Exception):
         self.reason = reason
 
 
+class Rejected(Exception):
+    """The request was refused before its forward: ``reason`` is overloaded, deadline_exceeded or
+    client_gone; ``retry_after`` (seconds) is when this worker expects to have room again."""
+
+    def __init__(self, reason: str, retry_after: int = 1):
+        super().__init__(reason)
+        self.reason, self.retry_after = reason, retry_after
+
+
 def failure_reason(exc: BaseException) -> str:
     if isinstance(exc, torch.OutOfMemoryError) or "out of memory" in str(exc).lower():
         return "out_of_memory"
     return "runtime_error" if isinstance(exc, RuntimeError) else "internal_error"
 
 
+class ForwardRate:
+    """What this worker's forwards cost, measured: exponentially weighted means of one forward's
+    pairs per second and of its duration. Unknown (None) until the first forward."""
+
+    WEIGHT = 0.2  # the last few forwards count most: the rate follows a change of traffic within a second
+
+    def __init__(self):
+        self.pairs_per_second: float | None = None
+        self.forward_seconds: float | None = None
+
+    def observe(self, pairs: int, seconds: float) -> None:
+        seconds = max(seconds, 1e-6)
+        if self.pairs_per_second is None:
+            self.pairs_per_second, self.forward_seconds = pairs / seconds, seconds
+            return
+        self.pairs_per_second += self.WEIGHT * (pairs / seconds - self.pairs_per_second)
+        self.forward_seconds += self.WEIGHT * (seconds - self.forward_seconds)
+
+    def seconds_until_done(self, pairs_ahead: int, pairs: int, threads: int) -> float:
+        """When ``pairs`` admitted now would be answered: the pairs ahead and its own, shared out over
+        ``threads`` forwards side by side, plus one forward (the one it waits to join, or its own)."""
+        return (pairs_ahead + pairs) / (self.pairs_per_second * threads) + self.forward_seconds
+
+
 @dataclass
 class _Job:
     encoded: Sequence[Encoded]
+    deadline: float
+    client_gone: Callable[[], bool] | None
     enqueued_at: float = field(default_factory=time.perf_counter)
+    state: str = QUEUED
     done: threading.Event = field(default_factory=threading.Event)
     probabilities: torch.Tensor | None = None
-    error: InferenceError | None = None
+    error: Exception | None = None
 
 
 class MicroBatcher:
     def __init__(self, forward: Callable[[Sequence[Encoded]], torch.Tensor], max_pairs: int,
-                 wait_seconds: float, instrument: bool = True, threads: int = 1):
+                 wait_seconds: float, instrument: bool = True, threads: int = 1, max_requests: int = 1_000_000):
         self._forward = forward
+        self._max_requests = max_requests
         self._max_pairs = max_pairs
         self._wait_seconds = wait_seconds
         self._instrument = instrument
+        self._threads = threads
         self._queue: queue.SimpleQueue[_Job] = queue.SimpleQueue()
+        self._lock = threading.Lock()  # guards the counts below and every job's state
+        self._queued_pairs = 0   # admitted, forward not started
+        self._running_pairs = 0  # in a forward now
+        self._requests = 0       # admitted, not yet answered
+        self.rate = ForwardRate()
         for number in range(threads):
             threading.Thread(target=self._run, name=f"micro-batcher-{number}", daemon=True).start()
 
-    def submit(self, encoded: Sequence[Encoded]) -> torch.Tensor:
-        """Probabilities for ``encoded``, one row per pair, once its forward ran."""
-        job = _Job(encoded)
-        self._queue.put(job)
-        job.done.wait()
+    def submit(self, pairs: int, encode: Callable[[], Sequence[Encoded]], deadline: float,
+               client_gone: Callable[[], bool] | None = None) -> torch.Tensor:
+        """Probabilities, one row per pair, once their forward ran; ``encode()`` (the tokenising) runs
+        only once the request is admitted. ``deadline`` is a ``time.perf_counter()`` value.
+
+        Raises ``Rejected`` (overloaded, deadline_exceeded, client_gone) or ``InferenceError``."""
+        self._admit(pairs, deadline)
+        try:
+            try:
+                job = _Job(encode(), deadline, client_gone)
+            except BaseException:
+                self._settle(pairs, QUEUED)
+                raise
+            self._queue.put(job)
+            if not job.done.wait(max(0.0, deadline - time.perf_counter())):
+                with self._lock:
+                    if job.state == QUEUED:  # its forward has not started: it never will
+                        self._drop(job, "deadline_exceeded")
+                job.done.wait()  # set already if dropped; else its forward is running and will end
+        finally:
+            with self._lock:
+                self._requests -= 1
         if job.error:
             raise job.error
         return job.probabilities
+
+    def _admit(self, pairs: int, deadline: float) -> None:
+        with self._lock:
+            busy = self._queued_pairs + self._running_pairs
+            measured = self.rate.pairs_per_second is not None
+            # An idle worker always tries: there is nothing to wait for, and the rate stays measured.
+            late = busy and measured and (
+                time.perf_counter() + self.rate.seconds_until_done(self._queued_pairs, pairs, self._threads)
+                > deadline)
+            if late or self._requests >= self._max_requests:
+                self._count_rejected("overloaded")
+                drain = busy / (self.rate.pairs_per_second * self._threads) if measured else 1
+                raise Rejected("overloaded", max(1, math.ceil(drain)))
+            self._queued_pairs += pairs
+            self._requests += 1
+            self._publish_queue()
+
+    def _settle(self, pairs: int, state: str) -> None:
+        """Takes ``pairs`` of the given state out of the counts."""
+        with self._lock:
+            if state == QUEUED:
+                self._queued_pairs -= pairs
+                self._publish_queue()
+            else:
+                self._running_pairs -= pairs
+
+    def _drop(self, job: _Job, reason: str) -> None:
+        """Holding the lock: ``job`` leaves the queue unanswered, with ``Rejected(reason)``."""
+        job.state = DROPPED
+        self._queued_pairs -= len(job.encoded)
+        self._publish_queue()
+        self._count_rejected(reason)
+        job.error = Rejected(reason)
+        job.done.set()
+
+    def _publish_queue(self) -> None:
+        if self._instrument:
+            metrics.QUEUE_PAIRS.set(self._queued_pairs)
+
+    def _count_rejected(self, reason: str) -> None:
+        if self._instrument:
+            metrics.REJECTED_REQUESTS.labels(reason).inc()
+
+    def _start(self, jobs: list[_Job]) -> list[_Job]:
+        """The jobs whose forward starts now; the others are dropped (deadline passed, client gone)."""
+        now = time.perf_counter()
+        gone = {id(job) for job in jobs if job.state == QUEUED and job.client_gone and _asks(job.client_gone)}
+        starting = []
+        with self._lock:
+            for job in jobs:
+                if job.state != QUEUED:
+                    continue
+                if now >= job.deadline:
+                    self._drop(job, "deadline_exceeded")
+                elif id(job) in gone:
+                    self._drop(job, "client_gone")
+                else:
+                    job.state = RUNNING
+                    self._queued_pairs -= len(job.encoded)
+                    self._running_pairs += len(job.encoded)
+                    starting.append(job)
+            self._publish_queue()
+        return starting
 
     def _run(self) -> None:
         while True:
             jobs = [self._queue.get()]
             waiting = len(jobs[0].encoded)
-            deadline = time.perf_counter() + self._wait_seconds
+            collect_until = time.perf_counter() + self._wait_seconds
             while waiting < self._max_pairs:
                 try:
-                    job = self._queue.get(timeout=max(0.0, deadline - time.perf_counter()))
+                    job = self._queue.get(timeout=max(0.0, collect_until - time.perf_counter()))
                 except queue.Empty:
                     break
                 jobs.append(job)
                 waiting += len(job.encoded)
+            jobs = self._start(jobs)
+            if not jobs:
+                continue
             try:
                 self._execute(jobs)
             except Exception as exc:  # this thread must live on, or every later request would hang
                 for job in jobs:
                     if not job.done.is_set():
                         self._fail(job, exc)
+            finally:
+                self._settle(sum(len(job.encoded) for job in jobs), RUNNING)
 
     def _execute(self, jobs: list[_Job]) -> None:
         try:
@@ -113,13 +254,14 @@ class MicroBatcher:
                 waited = started - job.enqueued_at
                 for _ in job.encoded:
                     metrics.QUEUE_DURATION.observe(waited)
-        return forward_in_chunks(self._forward, encoded, self._max_pairs,
-                                 self._observe_forward if self._instrument else None)
+        return forward_in_chunks(self._forward, encoded, self._max_pairs, self._observe_forward)
 
-    @staticmethod
-    def _observe_forward(pairs: int, seconds: float) -> None:
-        metrics.INFERENCE_DURATION.observe(seconds)
-        metrics.INFERENCE_BATCH_SIZE.observe(pairs)
+    def _observe_forward(self, pairs: int, seconds: float) -> None:
+        with self._lock:
+            self.rate.observe(pairs, seconds)
+        if self._instrument:
+            metrics.INFERENCE_DURATION.observe(seconds)
+            metrics.INFERENCE_BATCH_SIZE.observe(pairs)
 
     def _fail(self, job: _Job, exc: Exception) -> None:
         reason = failure_reason(exc)
@@ -127,3 +269,11 @@ class MicroBatcher:
         metrics.INFERENCE_ERRORS.labels(reason).inc()
         job.error = InferenceError(reason, "the model could not score this request; retry later")
         job.done.set()
+
+
+def _asks(client_gone: Callable[[], bool]) -> bool:
+    """Whether the client has gone; a check that fails says no (the request is served)."""
+    try:
+        return client_gone()
+    except Exception:
+        return False

@@ -1,12 +1,14 @@
 """The result cache: a worker answers a pair it has already scored without the model.
 
-Keyed by exactly what the model sees (token ids and segment ids, after truncation) and the
-model's name and version, so a hit is the answer the model would give. Bounded (least
-recently used out first), in the worker's memory only: never on disk or in logs, and a
-worker that reloads its model starts with an empty one.
+Keyed by a 128-bit digest of the two addresses exactly as sent and the model's name and
+version: a hit is the answer the model would give (tokenising is deterministic), it is
+found before any tokenising (so a worker with a full queue still answers it), and no
+address text is kept. Bounded (least recently used out first), in the worker's memory
+only: never on disk or in logs, and a worker that reloads its model starts with an empty one.
 """
 from __future__ import annotations
 
+import hashlib
 import threading
 from collections import OrderedDict
 from typing import Hashable, Sequence
@@ -14,6 +16,12 @@ from typing import Hashable, Sequence
 import torch
 
 from . import metrics
+
+
+def pair_key(model_id: str, address1: str, address2: str) -> bytes:
+    """The cache key of one pair for one model."""
+    text = repr((model_id, address1, address2))  # unambiguous whatever characters the addresses hold
+    return hashlib.blake2b(text.encode("utf-8"), digest_size=16).digest()
 
 
 class ResultCache:

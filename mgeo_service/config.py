@@ -99,6 +99,9 @@ SETTINGS = {
     "MGEO_BATCH_WAIT_MS": _setting("2", _number(0), "how long a forward waits for more requests to join"),
     "MGEO_BATCH_THREADS": _setting("0", _integer(0, 256), "forwards a worker runs side by side; 0: CPU cores / "
                                    "(workers x torch threads) on a CPU, 1 on a GPU"),
+    "MGEO_REQUEST_TIMEOUT_MS": _setting("2000", _integer(1), "each /predict request's deadline; a client's "
+                                        "X-Request-Timeout-Ms header may shorten it; pairs not started by then "
+                                        "answer 504 and work the worker cannot finish by then answers 429"),
     "MGEO_CACHE_SIZE": _setting("10000", _integer(0), "scored pairs each worker keeps to answer repeats; 0: no cache"),
     "MGEO_READY_MIN_GPU_FREE_MB": _setting("1024", _integer(0), "free GPU memory readiness needs (CUDA only)"),
     "MGEO_READY_CACHE_SECONDS": _setting("10", _number(0), "how long a readiness result is reused"),
@@ -137,6 +140,7 @@ class Settings:
     batch_max_pairs: int
     batch_wait_ms: float
     batch_threads: int
+    request_timeout_ms: int
     cache_size: int
     ready_min_gpu_free_mb: int
     ready_cache_seconds: float

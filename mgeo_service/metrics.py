@@ -29,6 +29,11 @@ INFERENCE_BATCH_SIZE = Histogram(
 QUEUE_DURATION = Histogram(
     "mgeo_queue_duration_seconds", "Time a pair waited in the micro-batch queue for its forward.",
     buckets=LATENCY_BUCKETS)
+QUEUE_PAIRS = Gauge(
+    "mgeo_queue_pairs", "Pairs admitted and waiting for their forward to start.", multiprocess_mode="livesum")
+REJECTED_REQUESTS = Counter(
+    "mgeo_rejected_requests", "/predict requests refused before their forward, by reason: overloaded (429), "
+    "deadline_exceeded (504), client_gone (the client left).", ["reason"])
 INFERENCE_ERRORS = Counter(
     "mgeo_inference_errors", "Model forwards that failed, by reason.", ["reason"])
 PAIRS = Counter("mgeo_pairs", "Address pairs scored, by predicted label.", ["label"])

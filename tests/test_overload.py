@@ -1,0 +1,102 @@
+"""Overload and broken framing against a real service: open-loop arrivals far beyond capacity get
+200, 429 or 504 and nothing else, no late 200, no backlog afterwards; framing errors get 400s."""
+import json
+import random
+import socket
+import sys
+
+from conftest import ROOT, http
+
+sys.path.insert(0, ROOT)
+from bench.openloop import open_loop, parse_response  # noqa: E402
+
+DEADLINE_MS = 1000
+SLACK = 1.0  # a forward that started just before the deadline still ends; the client's own scheduling
+PAIRS = [{"address1": f"北京市海淀区中关村大街{n}号", "address2": f"北京海淀中关村大街{n + k}号"}
+         for n in range(1, 60) for k in (0, 1)]
+
+
+def batch_bodies(size: int = 16) -> list[bytes]:
+    rng = random.Random(7)
+    return [json.dumps({"pairs": rng.sample(PAIRS, size)}, ensure_ascii=False).encode() for _ in range(50)]
+
+
+def test_an_open_loop_burst_far_beyond_capacity_is_shed_not_queued(service_factory):
+    service = service_factory(MGEO_WORKERS="1", MGEO_CACHE_SIZE="0", MGEO_BATCH_THREADS="2").wait_ready()
+    url = service.url + "/predict"
+    # 80 requests/s of 16 pairs: about 5x what two cores serve of the default model, for 5 s.
+    answers = open_loop(url, batch_bodies(), rate=80, count=400, give_up=DEADLINE_MS / 1000 + 3,
+                        headers={"X-Request-Timeout-Ms": str(DEADLINE_MS)})
+    statuses = [a.status for a in answers]
+    assert set(statuses) <= {200, 429, 504}, statuses
+    assert statuses.count(200) and statuses.count(429), statuses  # served at capacity, and shed the rest
+    late = [round(a.seconds, 3) for a in answers if a.status == 200 and a.seconds > DEADLINE_MS / 1000 + SLACK]
+    assert not late
+    assert all(a.code == "overloaded" and int(a.retry_after) >= 1 for a in answers if a.status == 429)
+    assert all(a.code == "deadline_exceeded" for a in answers if a.status == 504)
+    samples = service.scrape()
+    for reason, status in (("overloaded", 429), ("deadline_exceeded", 504)):
+        assert samples[("mgeo_rejected_requests_total", (("reason", reason),))] == statuses.count(status)
+    assert samples[("mgeo_worker_starts_total", ())] == 1  # no worker died or was restarted
+    assert service.wait_until(lambda: service.metric("mgeo_queue_pairs") == 0, 30, "an empty queue")
+
+    # The burst is over: the next request waits for no backlog; only forwards still running may end first.
+    forwards = service.metric("mgeo_inference_batch_size_count")
+    status, _, _ = http("POST", url, {"address1": "上海市徐汇区漕溪北路18号", "address2": "上海徐汇漕溪北路18号"})
+    assert status == 200
+    assert service.metric("mgeo_inference_batch_size_count") - forwards <= 2 + 1
+
+
+def raw_exchange(port: int, raw: bytes) -> bytes:
+    with socket.create_connection(("127.0.0.1", port), timeout=30) as connection:
+        connection.sendall(raw)
+        connection.shutdown(socket.SHUT_WR)  # then the client is done: early close
+        answer = b""
+        while chunk := connection.recv(65536):
+            answer += chunk
+        return answer
+
+
+def framing_cases(count: int = 60) -> list[bytes]:
+    """Requests whose HTTP framing is broken: chunk sizes that are not hex, missing chunk terminators,
+    bodies cut short of their chunk or Content-Length; fixed ones first, then seeded random ones."""
+    body = json.dumps(PAIRS[0], ensure_ascii=False).encode()
+    head = b"POST /predict HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+    chunked = head + b"Transfer-Encoding: chunked\r\n\r\n"
+    cases = [chunked + b"zz\r\n" + body + b"\r\n0\r\n\r\n",
+             chunked + b"%x\r\n" % len(body) + body + b"XX0\r\n\r\n",
+             chunked + b"40\r\n" + body[:10],
+             head + b"Content-Length: %d\r\n\r\n" % (len(body) + 300) + body]
+    rng = random.Random(20211)
+    while len(cases) < count:
+        kind = rng.choice(("size", "terminator", "cut", "length"))
+        if kind == "size":
+            size = rng.choice([b"-1", b"0x10", b"1g", b" ", b"ffffffffffffffffffff", b"%x;ext=\x00" % len(body)])
+            cases.append(chunked + size + b"\r\n" + body + b"\r\n0\r\n\r\n")
+        elif kind == "terminator":
+            cases.append(chunked + b"%x\r\n" % len(body) + body + rng.choice([b"", b"\n", b"\r", b"0"]) * 2)
+        elif kind == "cut":
+            cases.append(chunked + b"%x\r\n" % len(body) + body[:rng.randrange(len(body))])
+        else:
+            cases.append(head + b"Content-Length: %d\r\n\r\n" % (len(body) + rng.randrange(1, 500))
+                         + body[:rng.randrange(len(body))])
+    return cases
+
+
+def test_broken_framing_is_a_400_never_a_500(service_factory):
+    service = service_factory(MGEO_WORKERS="1").wait_ready()
+    workers = service.children()
+    for raw in framing_cases():
+        answer = raw_exchange(service.port, raw)
+        if answer:  # Gunicorn may close a connection it cannot parse at all before the app sees it
+            status, headers, body = parse_response(answer)
+            assert 400 <= status < 500, (raw, answer[:300])
+            if headers.get("content-type") == "application/json":
+                assert json.loads(body)["error"]["code"]
+    samples = service.scrape()
+    assert not [key for key, value in samples.items()
+                if key[0] == "mgeo_request_total" and dict(key[1])["endpoint"] == "/predict"
+                and dict(key[1])["status"].startswith("5") and value]
+    assert ("mgeo_request_total", (("endpoint", "/predict"), ("method", "POST"), ("status", "400"))) in samples
+    assert service.children() == workers and service.metric("mgeo_worker_starts_total") == 1
+    assert http("POST", service.url + "/predict", PAIRS[0])[0] == 200  # and it serves on
