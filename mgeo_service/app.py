@@ -212,7 +212,7 @@ def create_app(settings: Settings | None = None, loader: ModelLoader | None = No
 
     loader.start()
     threading.Thread(target=on_loaded, name="model-ready", daemon=True).start()
-    app.extensions["mgeo"] = {"loader": loader, "readiness": readiness, "settings": settings}
+    app.extensions["mgeo"] = {"loader": loader, "readiness": readiness, "settings": settings, "batchers": batchers}
 
     def route_template() -> str:
         """The matched route; a wrong method still names its route; unknown paths are all 'unmatched'."""

@@ -289,3 +289,22 @@ def test_readiness_cache_gives_way_when_the_load_finishes(default_matcher):
     loader.wait(10)
     # the load ended: the hour-long cache must not hide it
     assert client.get("/health/ready").get_json()["status"] == "ready"
+
+
+def test_a_request_timeout_header_that_is_not_milliseconds_is_a_400(client):
+    for value in ("abc", "0", "-5", "1.5"):
+        assert_error(post(client, PAIR, headers={"X-Request-Timeout-Ms": value}), 400, "invalid_header")
+    assert post(client, PAIR, headers={"X-Request-Timeout-Ms": "60000"}).status_code == 200  # capped, not refused
+
+
+def test_a_full_worker_refuses_new_pairs_with_429_and_still_answers_cached_ones():
+    app = make_app()
+    client = app.test_client()
+    cached = {"address1": "杭州市西湖区文三路90号", "address2": "杭州西湖文三路90号"}
+    assert post(client, cached).status_code == 200
+    batcher = app.extensions["mgeo"]["batchers"]["batcher"]
+    batcher._requests = 10 ** 9  # as many requests waiting as the worker may hold
+    refused = post(client, {"address1": "杭州市西湖区文三路91号", "address2": "杭州西湖文三路91号"})
+    assert_error(refused, 429, "overloaded")
+    assert int(refused.headers["Retry-After"]) >= 1
+    assert post(client, cached).status_code == 200  # every pair in the cache: no queue needed
