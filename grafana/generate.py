@@ -111,10 +111,19 @@ def service_dashboard() -> dict:
                 f"/ sum(rate(mgeo_cache_requests_total{{{SELECTOR}}}[{rate}]))", "hit ratio")], 0, 32,
               description="Pairs answered from the workers' result cache (MGEO_CACHE_SIZE) over all pairs looked "
                           "up: repeated traffic; a sudden drop means new kinds of requests.", lowest=0, highest=1),
-        row("Alerts", 40),
+        panel("timeseries", "Shed requests by reason", "reqps",
+              [(f"sum by (reason) (rate(mgeo_rejected_requests_total{{{SELECTOR}}}[{rate}]))", "{{reason}}")], 12, 32,
+              description="/predict requests refused before their forward: overloaded (429: the worker could not "
+                          "answer by the deadline), deadline_exceeded (504), client_gone (the client left). "
+                          "MGeoShedding opens a ticket above 2% for 10 minutes: scale out.", lowest=0),
+        panel("timeseries", "Queue: pairs waiting for a forward", "short",
+              [(f"sum by (instance) (mgeo_queue_pairs{{{SELECTOR}}})", "{{instance}}")], 0, 40,
+              description="Pairs admitted and not yet in a forward, summed over workers. Admission keeps it under "
+                          "what the forwards finish by the requests' deadline; KEDA scales out on it.", lowest=0),
+        row("Alerts", 48),
         panel("table", "Firing alerts", "short",
               [(f'sum by (alertname, severity, instance, reason) (ALERTS{{alertstate="firing", {SELECTOR}}})', "")],
-              0, 41, w=24, description="The alerts of prometheus/rules firing now, with severity and readiness "
+              0, 49, w=24, description="The alerts of prometheus/rules firing now, with severity and readiness "
                                        "reason; Alertmanager routes them (README, Alerts)."),
     ])
 

@@ -213,9 +213,11 @@ def test_services_monitors_and_autoscalers_point_at_the_pods(rendered):
         assert target == deployment["metadata"]["name"]
         if scalers[0]["kind"] == "ScaledObject":
             assert scalers[0]["spec"]["minReplicaCount"] >= 2
-            trigger, = scalers[0]["spec"]["triggers"]
-            assert trigger["type"] == "prometheus" and trigger["metricType"] == "AverageValue"
-            assert 'mgeo_requests_inprogress{job="mgeo"}' in trigger["metadata"]["query"]
+            in_progress, queued = scalers[0]["spec"]["triggers"]
+            for trigger in (in_progress, queued):
+                assert trigger["type"] == "prometheus" and trigger["metricType"] == "AverageValue"
+            assert 'mgeo_requests_inprogress{job="mgeo"}' in in_progress["metadata"]["query"]
+            assert 'mgeo_queue_pairs{job="mgeo"}' in queued["metadata"]["query"]
 
 
 def test_the_gpu_overlay_and_the_checkpoint_volume(rendered):
@@ -268,7 +270,7 @@ def test_probe_paths_and_ports_answer_on_a_live_service(rendered, service_factor
         assert status == 200 and body["status"] == "ready"
     monitor = one(docs, "ServiceMonitor")["spec"]["endpoints"][0]
     status, _, text = http("GET", f"http://127.0.0.1:{ports[monitor['port']]}{monitor['path']}")
-    assert status == 200 and "mgeo_requests_inprogress" in text
+    assert status == 200 and "mgeo_requests_inprogress" in text and "mgeo_queue_pairs" in text  # the KEDA triggers
 
 
 def test_the_compose_file_parses_and_mounts_what_exists():

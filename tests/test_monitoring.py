@@ -12,7 +12,7 @@ from conftest import (DASHBOARDS, GRAFANA, PROMETHEUS, ROOT, RULE_FILES, Prometh
                       grafana_to_promql, http)
 
 ALERTS = {"MGeoTargetDown", "MGeoNotReady", "MGeoReadinessFailing", "MGeoErrorBudgetBurn", "MGeoLatencyP95High", "MGeoSuccessRateLow",
-          "MGeoGPUMemoryHigh", "MGeoGPUTemperatureHigh", "MGeoNVMLDown", "MGeoWorkerRestarts"}
+          "MGeoGPUMemoryHigh", "MGeoGPUTemperatureHigh", "MGeoNVMLDown", "MGeoWorkerRestarts", "MGeoShedding"}
 
 
 def promtool(*args):
