@@ -27,6 +27,7 @@ sys.path.insert(0, ROOT)
 
 import torch  # noqa: E402
 
+from bench.openloop import open_loop, summary  # noqa: E402
 from mgeo_service.config import SETTINGS  # noqa: E402
 from mgeo_service.dataset import read_pairs  # noqa: E402
 
@@ -375,6 +376,34 @@ def peer_flask(seconds: int, connections: int) -> dict:
         process.stop()
 
 
+def overload(seconds: int, connections: int, multiples=(2, 4), give_up: float = 2.0) -> dict:
+    """Closed-loop capacity (wrk, single pairs), then open-loop arrivals at ``multiples`` of it for
+    ``seconds`` each, every client giving up after ``give_up`` s (the default deadline); after each
+    burst, the time one request takes and the forwards that ran for it (a backlog would show)."""
+    process, url, metrics_url, _, _ = serve()
+    try:
+        capacity = load(url + "/predict", seconds, connections)
+        bodies = [line.encode() for line in open(bodies_file(), encoding="utf-8").read().splitlines()]
+        results = {"closed_loop": capacity}
+        for multiple in multiples:
+            rate = capacity["pairs_per_second"] * multiple
+            answers = open_loop(url + "/predict", bodies, rate, int(rate * seconds), give_up)
+            result = summary(answers, give_up)
+            result["in_time_vs_capacity"] = round(result["pairs_in_time_per_second"] / capacity["pairs_per_second"], 3)
+            forwards = scrape(metrics_url)["mgeo_inference_batch_size_count"]
+            started = time.perf_counter()
+            after, = open_loop(url + "/predict", bodies[:1], 1, 1, 60)
+            result["after_burst"] = {"status": after.status, "seconds": round(time.perf_counter() - started, 3),
+                                     "forwards": scrape(metrics_url)["mgeo_inference_batch_size_count"] - forwards}
+            results[f"open_loop_{multiple}x"] = result
+        samples = scrape(metrics_url)
+        results["rejected"] = {series: value for series, value in samples.items()
+                               if series.startswith("mgeo_rejected_requests_total")}
+        return results
+    finally:
+        process.stop()
+
+
 def sighup(seconds: int, clients: int = 8) -> dict:
     """SIGHUP (reload every worker) in the middle of a load of client threads, a new connection per request."""
     process, url, metrics_url, _, _ = serve()
@@ -467,6 +496,7 @@ def main() -> int:
     step("service_int8", lambda: service({"MGEO_INT8": "1"}))
     # The only scenario with the result cache on (as shipped): 90% of requests repeat 200 pairs.
     step("service_repeat_heavy", lambda: service({"MGEO_CACHE_SIZE": SETTINGS["MGEO_CACHE_SIZE"]["default"]}, 0.9))
+    step("overload", lambda: overload(args.seconds, args.connections))
     step("sighup", lambda: sighup(args.seconds))
     step("churn", lambda: churn(args.restarts))
     if ready_times:
@@ -492,6 +522,11 @@ def main() -> int:
         "scrape_p99_ms_after_churn (<= 50)": results["churn"]["after_churn"]["scrape"]["p99_ms"],
         "time_to_ready_seconds (<= 10)": results["time_to_ready"]["median_seconds"],
         "sighup_failed_requests (0)": results["sighup"]["non_200"] + results["sighup"]["failed"],
+        "open_loop_2x_in_time_vs_capacity (>= 0.9)": results["overload"]["open_loop_2x"]["in_time_vs_capacity"],
+        "open_loop_4x_in_time_vs_capacity (>= 0.8)": results["overload"]["open_loop_4x"]["in_time_vs_capacity"],
+        "open_loop_4x_429_p99_ms (<= 20)": results["overload"]["open_loop_4x"]["p99_429_ms"],
+        "after_burst_seconds (<= 1)": max(results["overload"][f"open_loop_{m}x"]["after_burst"]["seconds"]
+                                          for m in (2, 4)),
     }
     os.makedirs(os.path.dirname(args.out), exist_ok=True)
     with open(args.out, "w") as f:

@@ -103,7 +103,8 @@ def sidecar_pid(service):
 
 
 def test_sigkill_a_worker_under_load(service_factory):
-    service = service_factory(MGEO_THREADS="4").wait_ready()
+    # 8 threads: admission lets 6 requests wait (the 6 clients) and keeps 2 for refusals and probes.
+    service = service_factory(MGEO_THREADS="8").wait_ready()
     before = request_totals(service)
     victim = http("GET", service.url + "/health/live")[2]["pid"]
     with Load(service.url) as load:

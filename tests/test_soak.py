@@ -46,7 +46,7 @@ def by_status(service):
 
 
 def test_soak_with_worker_kills(service_factory):
-    service = service_factory(MGEO_THREADS="4").wait_ready()
+    service = service_factory(MGEO_THREADS="8").wait_ready()  # 6 requests may wait: the 6 clients
     before = by_status(service)
     seen = collections.Counter()
     failed = []
