@@ -85,7 +85,7 @@ SETTINGS = {
     "MGEO_WORKERS": _setting("1", _integer(1, 64), "Gunicorn worker processes; one holds every connection, so "
                              "every request reaches the next free forward"),
     "MGEO_THREADS": _setting("64", _integer(1, 1024), "threads per worker (gthread); above the connections a worker "
-                             "holds, so probes find one free"),
+                             "holds: 3/4 of them may wait for forwards, the rest refuse (429) and answer probes"),
     "MGEO_GRACEFUL_TIMEOUT": _setting("30", _integer(1), "seconds in-flight requests get on SIGTERM/SIGHUP"),
     "MGEO_MAX_REQUESTS": _setting("0", _integer(0), "restart a worker after this many requests; 0: never"),
     "MGEO_METRICS": _setting("1", _boolean, "instrument requests (0 turns the request metrics off)"),

@@ -18,8 +18,8 @@ SCALED_OBJECT = os.path.join(ROOT, "deploy", "kubernetes", "components", "keda",
 
 # How each panel combines the instances. Every panel must be listed: a new one needs a rule.
 PER_INSTANCE = {"Requests in progress", "Ready workers per instance", "GPU utilisation", "GPU memory used / total",
-                "GPU temperature", "GPU power", "NVML up"}
-SUM_OF_INSTANCES = {"Request rate by status"}
+                "GPU temperature", "GPU power", "NVML up", "Queue: pairs waiting for a forward"}
+SUM_OF_INSTANCES = {"Request rate by status", "Shed requests by reason"}
 # Ratios and quantiles of the pooled counts: a weighted mean of the instances' values, so it
 # lies between the smallest and the largest of them.
 POOLED = {"Success ratio", "Error budget remaining (30 days)", "/predict latency p50 / p95 / p99",
@@ -96,15 +96,16 @@ def test_three_instances_behind_one_prometheus(service_factory, tmp_path):
 
         assert_panels_combine_the_instances(prometheus, instances)
 
-        # The autoscaling query: one value in all, the sum of one value per instance.
+        # The autoscaling queries: one value in all, the sum of one value per instance.
         with open(SCALED_OBJECT) as f:
-            query = yaml.safe_load(f)["spec"]["triggers"][0]["metadata"]["query"]
-        assert query.startswith("sum(")
-        at = time.time() - 1
-        total = prometheus.values(query, at)
-        per_instance = prometheus.values(query.replace("sum(", "sum by (instance) (", 1), at)
-        assert len(total) == 1 and {dict(labels)["instance"] for labels in per_instance} == set(instances)
-        assert list(total.values())[0] == sum(per_instance.values())
+            triggers = yaml.safe_load(f)["spec"]["triggers"]
+        for query in (trigger["metadata"]["query"] for trigger in triggers):
+            assert query.startswith("sum(")
+            at = time.time() - 1
+            total = prometheus.values(query, at)
+            per_instance = prometheus.values(query.replace("sum(", "sum by (instance) (", 1), at)
+            assert len(total) == 1 and {dict(labels)["instance"] for labels in per_instance} == set(instances)
+            assert list(total.values())[0] == sum(per_instance.values())
 
         # One instance dies: MGeoTargetDown fires for it alone, and nothing else alerts.
         victim = instances[1]
