@@ -383,7 +383,8 @@ def overload(seconds: int, connections: int, multiples=(2, 4), give_up: float = 
     process, url, metrics_url, _, _ = serve()
     try:
         capacity = load(url + "/predict", seconds, connections)
-        bodies = [line.encode() for line in open(bodies_file(), encoding="utf-8").read().splitlines()]
+        with open(bodies_file(), "rb") as f:
+            bodies = f.read().splitlines()
         results = {"closed_loop": capacity}
         for multiple in multiples:
             rate = capacity["pairs_per_second"] * multiple

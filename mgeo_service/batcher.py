@@ -129,7 +129,9 @@ class MicroBatcher:
             try:
                 job = _Job(encode(), deadline, client_gone)
             except BaseException:
-                self._settle(pairs, QUEUED)
+                with self._lock:
+                    self._queued_pairs -= pairs
+                    self._publish_queue()
                 raise
             self._queue.put(job)
             if not job.done.wait(max(0.0, deadline - time.perf_counter())):
@@ -159,15 +161,6 @@ class MicroBatcher:
             self._queued_pairs += pairs
             self._requests += 1
             self._publish_queue()
-
-    def _settle(self, pairs: int, state: str) -> None:
-        """Takes ``pairs`` of the given state out of the counts."""
-        with self._lock:
-            if state == QUEUED:
-                self._queued_pairs -= pairs
-                self._publish_queue()
-            else:
-                self._running_pairs -= pairs
 
     def _drop(self, job: _Job, reason: str) -> None:
         """Holding the lock: ``job`` leaves the queue unanswered, with ``Rejected(reason)``."""
@@ -229,7 +222,8 @@ class MicroBatcher:
                     if not job.done.is_set():
                         self._fail(job, exc)
             finally:
-                self._settle(sum(len(job.encoded) for job in jobs), RUNNING)
+                with self._lock:
+                    self._running_pairs -= sum(len(job.encoded) for job in jobs)
 
     def _execute(self, jobs: list[_Job]) -> None:
         try:
