@@ -18,6 +18,9 @@ Work nobody will wait for is never computed:
   ``deadline_exceeded`` at its deadline, and its pairs are skipped;
 - **a client gone**: a request whose client has closed the connection before its forward
   starts is skipped (``client_gone``).
+
+Traced, each request gets a "queue wait" span, and each forward a "forward" span under the
+request that opened the batch, linked to every request it served.
 """
 from __future__ import annotations
 
@@ -30,8 +33,9 @@ from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
 import torch
+from opentelemetry.trace import NoOpTracer, Tracer
 
-from . import metrics
+from . import metrics, tracing
 from .matcher import forward_in_chunks
 
 log = logging.getLogger(__name__)
@@ -93,7 +97,9 @@ class _Job:
     encoded: Sequence[Encoded]
     deadline: float
     client_gone: Callable[[], bool] | None
+    trace_context: object = field(default_factory=tracing.current_context)  # the request thread's
     enqueued_at: float = field(default_factory=time.perf_counter)
+    enqueued_ns: int = field(default_factory=time.time_ns)  # the same moment, as spans keep time
     state: str = QUEUED
     done: threading.Event = field(default_factory=threading.Event)
     probabilities: torch.Tensor | None = None
@@ -102,8 +108,10 @@ class _Job:
 
 class MicroBatcher:
     def __init__(self, forward: Callable[[Sequence[Encoded]], torch.Tensor], max_pairs: int,
-                 wait_seconds: float, instrument: bool = True, threads: int = 1, max_requests: int = 1_000_000):
+                 wait_seconds: float, instrument: bool = True, threads: int = 1, max_requests: int = 1_000_000,
+                 tracer: Tracer | None = None):
         self._forward = forward
+        self._tracer = tracer or NoOpTracer()
         self._max_requests = max_requests
         self._max_pairs = max_pairs
         self._wait_seconds = wait_seconds
@@ -248,7 +256,15 @@ class MicroBatcher:
                 waited = started - job.enqueued_at
                 for _ in job.encoded:
                     metrics.QUEUE_DURATION.observe(waited)
-        return forward_in_chunks(self._forward, encoded, self._max_pairs, self._observe_forward)
+        started_ns = time.time_ns()
+        for job in jobs:
+            self._tracer.start_span("queue wait", context=job.trace_context, start_time=job.enqueued_ns).end(started_ns)
+        attributes = {"mgeo.batch.pairs": len(encoded), "mgeo.batch.requests": len(jobs),
+                      "mgeo.batch.tokens": sum(len(ids) for ids, _ in encoded)}
+        with self._tracer.start_as_current_span("forward", context=jobs[0].trace_context, start_time=started_ns,
+                                                links=tracing.links_to(job.trace_context for job in jobs),
+                                                attributes=attributes, record_exception=False):
+            return forward_in_chunks(self._forward, encoded, self._max_pairs, self._observe_forward)
 
     def _observe_forward(self, pairs: int, seconds: float) -> None:
         with self._lock:

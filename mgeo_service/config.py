@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import os
 import re
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from typing import Callable, Mapping
 
 
@@ -114,7 +114,50 @@ SETTINGS = {
 # `mgeo-service serve` sets PROMETHEUS_MULTIPROC_DIR to <tmp>/mgeo-metrics-<port> when unset.
 LIBRARY_VARIABLES = {
     "PROMETHEUS_MULTIPROC_DIR": "folder of the workers' metric files, merged by the sidecar (prometheus_client)",
+    "OTEL_EXPORTER_OTLP_ENDPOINT": "OTLP/HTTP collector (e.g. http://otel-collector:4318); set, it turns traces on "
+                                   "(or OTEL_EXPORTER_OTLP_TRACES_ENDPOINT, the full /v1/traces URL)",
+    "OTEL_SERVICE_NAME": "the traces' service.name; unset: mgeo-service",
+    "OTEL_TRACES_SAMPLER": "which requests are traced, e.g. parentbased_traceidratio with OTEL_TRACES_SAMPLER_ARG="
+                           "0.01; unset: parentbased_always_on (every request, or as the caller sampled it)",
+    "OTEL_TRACES_EXPORTER": "otlp (the default) or none (traces off); other exporters are refused at start-up",
+    "OTEL_EXPORTER_OTLP_PROTOCOL": "http/protobuf, the only protocol shipped; grpc is refused at start-up",
+    "OTEL_SDK_DISABLED": "true turns traces off whatever else is set",
 }
+# OTLP's other variables (headers, timeout, compression, OTEL_BSP_* batching) reach the SDK unchanged.
+
+
+SAMPLERS = ("always_on", "always_off", "traceidratio", "parentbased_always_on", "parentbased_always_off",
+            "parentbased_traceidratio")
+
+
+def tracing_enabled(environ: Mapping[str, str]) -> bool:
+    """Whether the standard OTEL_* variables ask for traces; a value this service cannot honour is a ConfigError."""
+    if environ.get("OTEL_SDK_DISABLED", "").strip().lower() == "true":
+        return False
+    exporter = environ.get("OTEL_TRACES_EXPORTER", "otlp").strip().lower()
+    if exporter == "none":
+        return False
+    if exporter != "otlp":
+        raise ConfigError(f"OTEL_TRACES_EXPORTER={exporter!r}: must be otlp or none")
+    for name in ("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL", "OTEL_EXPORTER_OTLP_PROTOCOL"):
+        protocol = environ.get(name, "").strip()
+        if protocol:  # the traces-specific one wins when both are set
+            if protocol != "http/protobuf":
+                raise ConfigError(f"{name}={protocol!r}: only http/protobuf is supported")
+            break
+    sampler = environ.get("OTEL_TRACES_SAMPLER", "").strip().lower()
+    if sampler and sampler not in SAMPLERS:  # the SDK would fall back to tracing everything, with a warning
+        raise ConfigError(f"OTEL_TRACES_SAMPLER={sampler!r}: must be one of {', '.join(SAMPLERS)}")
+    if sampler.endswith("traceidratio"):
+        ratio = environ.get("OTEL_TRACES_SAMPLER_ARG", "1").strip()
+        try:
+            valid = 0 <= float(ratio) <= 1
+        except ValueError:
+            valid = False
+        if not valid:
+            raise ConfigError(f"OTEL_TRACES_SAMPLER_ARG={ratio!r}: must be a ratio between 0 and 1")
+    return bool(environ.get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", "").strip()
+                or environ.get("OTEL_EXPORTER_OTLP_ENDPOINT", "").strip())
 
 
 @dataclass(frozen=True)
@@ -147,6 +190,7 @@ class Settings:
     load_wait_seconds: float
     api_token: str
     log_level: str
+    tracing: bool  # from the OTEL_* variables (tracing_enabled), not an MGEO_* setting
 
     @property
     def worker_torch_threads(self) -> int:
@@ -163,15 +207,13 @@ class Settings:
 def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
     environ = os.environ if environ is None else environ
     values = {}
-    for field in fields(Settings):
-        name = "MGEO_" + field.name.upper()
-        spec = SETTINGS[name]
+    for name, spec in SETTINGS.items():
         text = environ.get(name, spec["default"]).strip()
         try:
-            values[field.name] = spec["parse"](text)
+            values[name.removeprefix("MGEO_").lower()] = spec["parse"](text)
         except ValueError as exc:
             raise ConfigError(f"{name}={text!r}: {exc}") from None
-    return Settings(**values)
+    return Settings(**values, tracing=tracing_enabled(environ))
 
 
 def load_settings_or_exit(program: str) -> Settings:

@@ -13,7 +13,7 @@ LABELS = {"not_match", "partial_match", "exact_match"}
 
 def make_app(**env):
     app = create_app(load_settings({"MGEO_DEVICE": "cpu", "MGEO_READY_CACHE_SECONDS": "0", **env}))
-    app.extensions["mgeo"]["loader"].wait(120)
+    app.extensions["mgeo"].loader.wait(120)
     return app
 
 
@@ -302,7 +302,8 @@ def test_a_full_worker_refuses_new_pairs_with_429_and_still_answers_cached_ones(
     client = app.test_client()
     cached = {"address1": "杭州市西湖区文三路90号", "address2": "杭州西湖文三路90号"}
     assert post(client, cached).status_code == 200
-    batcher = app.extensions["mgeo"]["batchers"]["batcher"]
+    state = app.extensions["mgeo"]
+    batcher = state.batcher(state.loader.matcher)
     batcher._requests = 10 ** 9  # as many requests waiting as the worker may hold
     refused = post(client, {"address1": "杭州市西湖区文三路91号", "address2": "杭州西湖文三路91号"})
     assert_error(refused, 429, "overloaded")

@@ -32,7 +32,38 @@ def test_the_cores_go_to_forwards_side_by_side_unless_set(monkeypatch):
 
 
 def test_every_setting_is_declared_once():
-    assert set(SETTINGS) == {"MGEO_" + f.upper() for f in Settings.__dataclass_fields__}
+    assert set(SETTINGS) == {"MGEO_" + f.upper() for f in Settings.__dataclass_fields__ if f != "tracing"}
+
+
+ENDPOINT = {"OTEL_EXPORTER_OTLP_ENDPOINT": "http://collector:4318"}
+
+
+@pytest.mark.parametrize("env, enabled", [
+    ({}, False),
+    (ENDPOINT, True),
+    ({"OTEL_EXPORTER_OTLP_TRACES_ENDPOINT": "http://collector:4318/v1/traces"}, True),
+    ({**ENDPOINT, "OTEL_TRACES_EXPORTER": "none"}, False),
+    ({**ENDPOINT, "OTEL_SDK_DISABLED": "true"}, False),
+    # metrics may go over gRPC elsewhere; the traces' own protocol is what counts
+    ({**ENDPOINT, "OTEL_EXPORTER_OTLP_PROTOCOL": "grpc", "OTEL_EXPORTER_OTLP_TRACES_PROTOCOL": "http/protobuf"}, True),
+])
+def test_traces_are_on_only_when_the_otel_variables_give_an_otlp_endpoint(env, enabled):
+    assert load_settings(env).tracing is enabled
+
+
+@pytest.mark.parametrize("name, value", [
+    ("OTEL_TRACES_EXPORTER", "zipkin"), ("OTEL_EXPORTER_OTLP_PROTOCOL", "grpc"),
+    ("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL", "http/json"), ("OTEL_TRACES_SAMPLER", "sometimes"),
+])
+def test_otel_values_the_service_cannot_honour_stop_start_up(name, value):
+    with pytest.raises(ConfigError, match=name):
+        load_settings({**ENDPOINT, name: value})
+
+
+@pytest.mark.parametrize("ratio", ["1.5", "-0.1", "often"])
+def test_a_sampling_ratio_outside_0_to_1_stops_start_up(ratio):
+    with pytest.raises(ConfigError, match="OTEL_TRACES_SAMPLER_ARG"):
+        load_settings({**ENDPOINT, "OTEL_TRACES_SAMPLER": "parentbased_traceidratio", "OTEL_TRACES_SAMPLER_ARG": ratio})
 
 
 @pytest.mark.parametrize("name, value", [

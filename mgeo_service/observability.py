@@ -1,0 +1,78 @@
+"""Request hooks that watch every request: its id, metrics, JSON access log and trace span.
+
+The access log holds no address: method, route template, status, duration, request id and
+trace id.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import time
+import uuid
+
+from flask import Flask, Response, g, request
+from opentelemetry.trace import Tracer
+from werkzeug.exceptions import MethodNotAllowed
+
+from . import logs, metrics, tracing
+
+access_log = logging.getLogger(logs.ACCESS_LOGGER)
+
+_REQUEST_ID = re.compile(r"[A-Za-z0-9._:\-]{1,128}")
+
+
+def route_template(app: Flask) -> str:
+    """The matched route; a wrong method still names its route; unknown paths are all 'unmatched'."""
+    if request.url_rule is not None:
+        return request.url_rule.rule
+    if isinstance(request.routing_exception, MethodNotAllowed):
+        adapter = app.url_map.bind_to_environ(request.environ)
+        rule, _ = adapter.match(method=request.routing_exception.valid_methods[0], return_rule=True)
+        return rule.rule
+    return "unmatched"
+
+
+def register_request_hooks(app: Flask, instrument: bool, tracer: Tracer | None) -> None:
+    """``instrument``: the request metrics; ``tracer``: trace ``tracing.TRACED_ROUTES`` (None: no traces)."""
+
+    @app.before_request
+    def start_request():
+        g.started = time.perf_counter()
+        incoming = request.headers.get("X-Request-ID", "")
+        g.request_id = incoming if _REQUEST_ID.fullmatch(incoming) else uuid.uuid4().hex
+        g.endpoint = route_template(app)
+        if instrument:
+            metrics.REQUESTS_IN_PROGRESS.labels(request.method, g.endpoint).inc()
+            g.counted_in_progress = True
+        if tracer is not None and g.endpoint in tracing.TRACED_ROUTES:
+            g.span, g.span_token = tracing.start_request_span(
+                tracer, request.method, g.endpoint, request.headers, {"mgeo.request_id": g.request_id})
+
+    @app.after_request
+    def finish_request(response: Response) -> Response:
+        duration = time.perf_counter() - g.get("started", time.perf_counter())
+        endpoint = g.get("endpoint", "unmatched")
+        response.headers["X-Request-ID"] = g.get("request_id") or uuid.uuid4().hex
+        if instrument:
+            metrics.REQUESTS.labels(request.method, endpoint, str(response.status_code)).inc()
+            metrics.REQUEST_DURATION.labels(request.method, endpoint).observe(duration)
+        line = {"ts": round(time.time(), 3), "pid": os.getpid(), "method": request.method, "route": endpoint,
+                "status": response.status_code, "duration_ms": round(duration * 1000, 2),
+                "request_id": response.headers["X-Request-ID"]}
+        span = g.get("span")
+        if span is not None:
+            g.status = response.status_code  # the span ends at teardown, the request's very end
+            if trace_id := tracing.trace_id(span):
+                line["trace_id"] = trace_id
+        access_log.info(json.dumps(line))
+        return response
+
+    @app.teardown_request
+    def end_request(_exc):
+        if g.pop("counted_in_progress", False):
+            metrics.REQUESTS_IN_PROGRESS.labels(request.method, g.endpoint).dec()
+        span = g.pop("span", None)
+        if span is not None:
+            tracing.end_request_span(span, g.pop("span_token"), g.get("status", 500), g.get("error_code"))
