@@ -18,16 +18,19 @@ from grafana_foundation_sdk.models.prometheus import PromQueryFormat
 HERE = os.path.dirname(os.path.abspath(__file__))
 DATASOURCE = DataSourceRef(type_val="prometheus", uid="${datasource}")
 SELECTOR = 'job=~"$job", instance=~"$instance"'
+HOSTS = 'job="node", instance=~"$node"'
 SLO_BUDGET = "(1 - scalar(mgeo:slo_availability:target))"
 PANELS = {"timeseries": timeseries.Panel, "stat": stat.Panel, "table": table.Panel}
 
 
+def label_variable(name: str, query: str, label: str | None = None):
+    return (board.QueryVariable(name).label(label or name).datasource(DATASOURCE)
+            .query({"qryType": 1, "query": query, "refId": f"{name}-variable"})
+            .refresh(VariableRefresh.ON_TIME_RANGE_CHANGED).include_all(True).multi(True).all_value(".*")
+            .current(VariableOption(text=["All"], value=["$__all"])).sort(VariableSort.ALPHABETICAL_ASC))
+
+
 def variables(metric: str) -> list:
-    def label_variable(name, query):
-        return (board.QueryVariable(name).label(name).datasource(DATASOURCE)
-                .query({"qryType": 1, "query": query, "refId": f"{name}-variable"})
-                .refresh(VariableRefresh.ON_TIME_RANGE_CHANGED).include_all(True).multi(True).all_value(".*")
-                .current(VariableOption(text=["All"], value=["$__all"])).sort(VariableSort.ALPHABETICAL_ASC))
     return [
         board.DatasourceVariable("datasource").label("Prometheus").type("prometheus")
         .current(VariableOption(text="Prometheus", value="mgeo-prometheus")),
@@ -62,9 +65,9 @@ def row(title: str, y: int):
     return board.Row(title).grid_pos(GridPos(h=1, w=24, x=0, y=y))
 
 
-def dashboard(uid: str, title: str, metric: str, panels: list) -> dict:
+def dashboard(uid: str, title: str, metric: str, panels: list, extra_variables: tuple = ()) -> dict:
     built = (board.Dashboard(title).uid(uid).tags(["mgeo"]).timezone("browser").version(1).editable()
-             .refresh("30s").time("now-1h", "now").variables(variables(metric)))
+             .refresh("30s").time("now-1h", "now").variables(variables(metric) + list(extra_variables)))
     for number, item in enumerate(panels, start=1):
         built = built.with_row(item.id(number)) if isinstance(item, board.Row) else built.with_panel(item.id(number))
     return json.loads(json.dumps(built.build(), cls=JSONEncoder))
@@ -120,12 +123,24 @@ def service_dashboard() -> dict:
               [(f"sum by (instance) (mgeo_queue_pairs{{{SELECTOR}}})", "{{instance}}")], 0, 40,
               description="Pairs admitted and not yet in a forward, summed over workers. Admission keeps it under "
                           "what the forwards finish by the requests' deadline; KEDA scales out on it.", lowest=0),
-        row("Alerts", 48),
+        # node_exporter's hosts have their own instances (host:9100), so the row has its own variable.
+        row("Host", 48),
+        panel("timeseries", "Host CPU busy", "percentunit",
+              [(f'1 - avg by (instance) (rate(node_cpu_seconds_total{{{HOSTS}, mode="idle"}}[{rate}]))', "{{instance}}")],
+              0, 49, description="Share of the host's CPU time not idle, all cores (node_exporter). The service "
+                                 "saturates its cores by design under load; sustained 100% with shedding: scale out.",
+              lowest=0, highest=1),
+        panel("timeseries", "Host memory used", "percentunit",
+              [(f"1 - node_memory_MemAvailable_bytes{{{HOSTS}}} / node_memory_MemTotal_bytes{{{HOSTS}}}",
+                "{{instance}}")], 12, 49,
+              description="Share of the host's memory not available to new work (node_exporter MemAvailable).",
+              lowest=0, highest=1),
+        row("Alerts", 57),
         panel("table", "Firing alerts", "short",
               [(f'sum by (alertname, severity, instance, reason) (ALERTS{{alertstate="firing", {SELECTOR}}})', "")],
-              0, 49, w=24, description="The alerts of prometheus/rules firing now, with severity and readiness "
-                                       "reason; Alertmanager routes them (README, Alerts)."),
-    ])
+              0, 58, w=24, description="The alerts of prometheus/rules firing now, with severity and readiness "
+                                       "reason; Alertmanager routes them (docs/alerts.md)."),
+    ], extra_variables=(label_variable("node", 'label_values(node_uname_info{job="node"}, instance)', "host"),))
 
 
 def gpu_dashboard() -> dict:

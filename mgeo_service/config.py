@@ -71,7 +71,7 @@ def _setting(default: str, parse: Callable[[str], object], doc: str):
 
 
 # name -> default (as the environment would spell it), parser, what it is for.
-# The README's settings table is this dictionary.
+# The settings table of docs/configuration.md is this dictionary.
 SETTINGS = {
     "MGEO_MODEL_DIR": _setting("", _text, "model directory (HF or ModelScope layout); empty: the shipped default model"),
     "MGEO_DEVICE": _setting("auto", _device, "auto (CUDA when available), cpu, cuda or cuda:N"),

@@ -14,7 +14,7 @@ from .loader import READY, ModelLoader
 log = logging.getLogger(__name__)
 
 PROBE_PAIR = ("北京", "北京市")
-# Every reason a readiness check can give; README "Health" and the MGeoReadinessFailing alert know them.
+# Every reason a readiness check can give; docs/api.md "Health" and the MGeoReadinessFailing alert know them.
 REASONS = ("model_loading", "model_load_failed", "tokenizer_failed", "model_forward_failed", "cuda_unavailable",
            "insufficient_gpu_memory")
 

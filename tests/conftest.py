@@ -58,22 +58,24 @@ def parse_metrics(text: str) -> dict[tuple[str, tuple], float]:
     return samples
 
 
-# Panels of the ALERTS series: empty while nothing fires, so tests/test_alerting.py proves them.
-ALERT_PANELS = {"Firing alerts"}
+# Panels proven apart from the service's own: the ALERTS series is empty while nothing fires
+# (tests/test_alerting.py proves it), and the host row reads node_exporter (tests/test_monitoring.py).
+PANEL_GROUPS = {"Firing alerts": "alerts", "Host CPU busy": "host", "Host memory used": "host"}
 
 
-def dashboard_queries(path: str, alerts: bool = False) -> list[tuple[str, str]]:
-    """(panel title, PromQL with Grafana variables) for every query of a dashboard's data panels,
-    or with ``alerts`` of its alert panels."""
+def dashboard_queries(path: str, group: str = "service") -> list[tuple[str, str]]:
+    """(panel title, PromQL with Grafana variables) for every query of a dashboard's panels of one
+    group: "service" (the service's metrics), "alerts" or "host"."""
     with open(path) as f:
         board = json.load(f)
     return [(p["title"], t["expr"]) for p in board["panels"] for t in p.get("targets", [])
-            if (p["title"] in ALERT_PANELS) == alerts]
+            if PANEL_GROUPS.get(p["title"], "service") == group]
 
 
 def grafana_to_promql(expr: str, instance: str = ".*") -> str:
-    """A panel query as Grafana sends it with job "All" and the given instance selection."""
-    return expr.replace("$__rate_interval", "1m").replace("$job", ".*").replace("$instance", instance)
+    """A panel query as Grafana sends it with job and host "All" and the given instance selection."""
+    return (expr.replace("$__rate_interval", "1m").replace("$job", ".*").replace("$instance", instance)
+            .replace("$node", ".*"))
 
 
 def wait_for_ready(url: str, process: subprocess.Popen, log_path, timeout: float = 60.0) -> None:
@@ -94,16 +96,19 @@ class Prometheus:
     """The real Prometheus with the shipped config and rules, scraping every second, finding the
     service instances (and any Alertmanager) through targets files in the shipped file_sd format."""
 
-    def __init__(self, tmp_path, targets: list[str], alertmanagers: list[str] = ()):
+    def __init__(self, tmp_path, targets: list[str], alertmanagers: list[str] = (), nodes: list[str] = ()):
         with open(os.path.join(PROMETHEUS, "prometheus.yml")) as f:
             config = yaml.safe_load(f)
         config["global"] = {"scrape_interval": "1s", "evaluation_interval": "1s"}
         config["rule_files"] = RULE_FILES
-        config["scrape_configs"] = [job for job in config["scrape_configs"] if job["job_name"] == "mgeo"]
+        jobs = {"mgeo", "node"} if nodes else {"mgeo"}
+        config["scrape_configs"] = [job for job in config["scrape_configs"] if job["job_name"] in jobs]
         with open(os.path.join(PROMETHEUS, "targets", "mgeo.json")) as f:
             group = json.load(f)[0]
         (tmp_path / "targets").mkdir()
         (tmp_path / "targets" / "mgeo.json").write_text(json.dumps([{**group, "targets": targets}]))
+        if nodes:
+            (tmp_path / "targets" / "node.json").write_text(json.dumps([{"targets": list(nodes)}]))
         if alertmanagers:
             (tmp_path / "targets" / "alertmanager.json").write_text(json.dumps([{"targets": list(alertmanagers)}]))
         path = tmp_path / "prometheus.yml"
@@ -137,6 +142,32 @@ class Prometheus:
             assert time.monotonic() < deadline, f"timed out waiting for {what}"
             time.sleep(0.5)
         return result
+
+    def stop(self) -> None:
+        self.process.terminate()
+        self.process.wait(30)
+        self.log.close()
+
+
+class NodeExporter:
+    """Debian's real node_exporter on a free loopback port, with the collectors the host row reads."""
+
+    def __init__(self, tmp_path):
+        self.port = free_port()
+        self.target = f"127.0.0.1:{self.port}"
+        self.log = open(tmp_path / "node_exporter.log", "wb")
+        self.process = subprocess.Popen(
+            ["prometheus-node-exporter", f"--web.listen-address={self.target}", "--collector.disable-defaults",
+             "--collector.cpu", "--collector.meminfo", "--collector.uname"], stdout=self.log, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                if http("GET", f"http://{self.target}/metrics", timeout=2)[0] == 200:
+                    return
+            except OSError:
+                pass
+            assert time.monotonic() < deadline and self.process.poll() is None, "node_exporter did not start"
+            time.sleep(0.2)
 
     def stop(self) -> None:
         self.process.terminate()

@@ -183,7 +183,7 @@ def test_a_readiness_failure_pages_with_its_reason_and_fix_then_resolves_and_tar
     assert render("mgeo.title", payload, tmp_path).startswith(
         f"[FIRING:1] MGeoReadinessFailing on {instance} (model_load_failed)")
     # the dashboard's alerts row shows it too
-    [(title, expr)] = [query for path in DASHBOARDS for query in dashboard_queries(path, alerts=True)]
+    [(title, expr)] = [query for path in DASHBOARDS for query in dashboard_queries(path, "alerts")]
     shown = prometheus.values(grafana_to_promql(expr, instance=instance))
     assert any(dict(labels).get("alertname") == "MGeoReadinessFailing"
                and dict(labels).get("reason") == "model_load_failed" for labels in shown), (title, shown)

@@ -4,7 +4,7 @@ import sys
 
 import pytest
 
-from mgeo_service.config import SETTINGS, ConfigError, Settings, load_settings
+from mgeo_service.config import LIBRARY_VARIABLES, SETTINGS, ConfigError, Settings, load_settings
 
 
 def test_defaults():
@@ -83,11 +83,15 @@ def test_serve_refuses_a_bad_setting_at_once():
     assert "MGEO_WORKERS" in result.stderr
 
 
-def test_readme_lists_every_setting_with_its_default():
+def test_the_docs_list_every_setting_with_its_default():
     import os
     from conftest import ROOT
-    with open(os.path.join(ROOT, "README.md"), encoding="utf-8") as f:
-        readme = f.read()
+    with open(os.path.join(ROOT, "docs", "configuration.md"), encoding="utf-8") as f:
+        docs = f.read()
     for name, spec in SETTINGS.items():
         default = f"`{spec['default']}`" if spec["default"] else "(empty)"
-        assert f"| `{name}` | {default} |" in readme, name
+        assert f"| `{name}` | {default} | {spec['doc']} |" in docs, name
+    with open(os.path.join(ROOT, "docs", "tracing.md"), encoding="utf-8") as f:
+        tracing = f.read()
+    for name in LIBRARY_VARIABLES:  # the variables the libraries read, each documented where it belongs
+        assert f"`{name}`" in docs + tracing, name

@@ -8,8 +8,8 @@ import time
 
 import yaml
 
-from conftest import (DASHBOARDS, GRAFANA, PROMETHEUS, ROOT, RULE_FILES, Prometheus, dashboard_queries,
-                      grafana_to_promql, http)
+from conftest import (DASHBOARDS, GRAFANA, PROMETHEUS, ROOT, RULE_FILES, NodeExporter, Prometheus,
+                      dashboard_queries, grafana_to_promql, http)
 
 ALERTS = {"MGeoTargetDown", "MGeoNotReady", "MGeoReadinessFailing", "MGeoErrorBudgetBurn", "MGeoLatencyP95High", "MGeoSuccessRateLow",
           "MGeoGPUMemoryHigh", "MGeoGPUTemperatureHigh", "MGeoNVMLDown", "MGeoWorkerRestarts", "MGeoShedding"}
@@ -107,7 +107,8 @@ def test_rules_and_panels_against_a_real_prometheus(service_factory, tmp_path):
     fake_gpu = {"gpus": [{"name": "NVIDIA H100", "uuid": "GPU-aaa", "util": 50, "used": 2 << 30,
                           "total": 80 << 30, "temp": 55, "power_mw": 100000}]}
     service = service_factory(PYTHONPATH=os.path.join(ROOT, "tests", "fake_pynvml"), FAKE_NVML=json.dumps(fake_gpu))
-    prometheus = Prometheus(tmp_path, [f"127.0.0.1:{service.metrics_port}"])
+    node = NodeExporter(tmp_path)
+    prometheus = Prometheus(tmp_path, [f"127.0.0.1:{service.metrics_port}"], nodes=[node.target])
     try:
         service.wait_ready()
         pair = {"address1": "北京市海淀区中关村大街1号", "address2": "北京海淀中关村街1号"}
@@ -128,10 +129,17 @@ def test_rules_and_panels_against_a_real_prometheus(service_factory, tmp_path):
             assert prometheus.query(record)[1]["data"]["result"], record
 
         for path in DASHBOARDS:
-            for title, expr in dashboard_queries(path):
+            for title, expr in dashboard_queries(path) + dashboard_queries(path, "host"):
                 status, body = prometheus.query(grafana_to_promql(expr))
                 assert status == 200 and body["status"] == "success", (title, body)
                 assert body["data"]["result"], f"panel {title!r} shows no data: {grafana_to_promql(expr)}"
+        (service_board,) = [path for path in DASHBOARDS if path.endswith("mgeo-service.json")]
+        for title, expr in dashboard_queries(service_board, "host"):  # one line per host, a share of it
+            values = prometheus.values(grafana_to_promql(expr))
+            assert [dict(labels)["instance"] for labels in values] == [node.target], title
+            assert all(0 <= value <= 1 for value in values.values()), (title, values)
+        hosts = prometheus.values('node_uname_info{job="node"}')  # the series the host variable lists
+        assert [dict(labels)["instance"] for labels in hosts] == [node.target]
         instances = prometheus.query('group by (instance) (mgeo_request_total{job=~".*"})')[1]["data"]["result"]
         assert [r["metric"]["instance"] for r in instances] == [f"127.0.0.1:{service.metrics_port}"]
 
@@ -143,3 +151,4 @@ def test_rules_and_panels_against_a_real_prometheus(service_factory, tmp_path):
         assert down[0]["labels"]["job"] == "mgeo"
     finally:
         prometheus.stop()
+        node.stop()
