@@ -28,6 +28,7 @@ sys.path.insert(0, ROOT)
 import torch  # noqa: E402
 
 from bench.openloop import open_loop, summary  # noqa: E402
+from bench.otlp import OtlpReceiver  # noqa: E402
 from mgeo_service.config import SETTINGS  # noqa: E402
 from mgeo_service.dataset import read_pairs  # noqa: E402
 
@@ -139,8 +140,8 @@ def load(url: str, seconds: int, connections: int, batch: int = 1) -> dict:
     return wrk_result(wrk(url, seconds, connections, batch), batch)
 
 
-def ceiling() -> dict:
-    """The same 2,000 pairs through the matcher in-process: tokenised, sorted by length across the whole
+def ceiling(model_dir: str = "", int8: bool = False, count: int = 2000, batches=(8, 16, 32, 64)) -> dict:
+    """The same ``count`` pairs through the matcher in-process: tokenised, sorted by length across the whole
     stream, forwards of each batch size, answers built. Two ways to use the cores: one forward at a time
     on all of them, or one single-threaded forward per core side by side (what the service's batching
     threads do). The best of all is the ceiling."""
@@ -150,8 +151,9 @@ sys.path.insert(0, sys.argv[1])
 from bench.run import pairs
 from mgeo_service.matcher import Matcher, length_sorted_chunks
 batch, side_by_side, cores = int(sys.argv[2]), sys.argv[3] == "side_by_side", os.cpu_count()
-matcher = Matcher(device="cpu", threads=1 if side_by_side else cores, batch_size=batch)
-items = pairs()
+matcher = Matcher(sys.argv[4] or None, device="cpu", threads=1 if side_by_side else cores, batch_size=batch,
+                  int8=sys.argv[5] == "int8")
+items = pairs(int(sys.argv[6]))
 matcher.predict(items[:batch])  # warm-up
 started = time.perf_counter()
 if side_by_side:
@@ -174,8 +176,9 @@ print(json.dumps({"pairs_per_second": round(len(items) / (time.perf_counter() - 
 """
     results = {}
     for mode in ("one_forward_all_cores", "side_by_side"):
-        for batch in (8, 16, 32, 64):
-            out = subprocess.run([sys.executable, "-c", code, ROOT, str(batch), mode], capture_output=True,
+        for batch in batches:
+            out = subprocess.run([sys.executable, "-c", code, ROOT, str(batch), mode, model_dir,
+                                  "int8" if int8 else "float32", str(count)], capture_output=True,
                                  text=True, check=True, cwd=ROOT)
             results[f"{mode} batch={batch}"] = json.loads(out.stdout.splitlines()[-1])["pairs_per_second"]
     best = max(results, key=results.get)
@@ -225,15 +228,17 @@ print(json.dumps(results))
     return json.loads(out.stdout.splitlines()[-1])
 
 
-def physical_limit() -> dict:
-    """Model FLOPs per pair at the stream's mean length over the matmul FLOP/s this machine reaches."""
+def physical_limit(model_dir: str = "", int8: bool = False) -> dict:
+    """Model FLOPs per pair at the stream's mean length over the matmul FLOP/s this machine reaches, in
+    float32, or with ``int8`` in int8 with int32 sums (``torch._int_mm``, what MGEO_INT8 multiplies with)."""
     code = r"""
 import json, os, sys, time
 sys.path.insert(0, sys.argv[1])
 import torch
 from bench.run import pairs
 from mgeo_service.matcher import Matcher
-matcher = Matcher(device="cpu", threads=os.cpu_count())
+int8 = sys.argv[3] == "int8"
+matcher = Matcher(sys.argv[2] or None, device="cpu", threads=os.cpu_count())
 items = pairs()
 tokens = sum(len(ids) for ids, _ in matcher.encode(items)) / len(items)
 c = matcher.model.config
@@ -242,16 +247,19 @@ h, i, n = c.hidden_size, c.intermediate_size, tokens
 # attention's scores and weighted sum over the pair's n tokens; then pooler and classifier.
 flops = c.num_hidden_layers * n * 2 * (4 * h * h + 2 * h * i + 2 * n * h) + 2 * h * h + 2 * h * c.num_labels
 a, b = torch.randn(2048, 2048), torch.randn(2048, 2048)
+if int8:
+    a, b = (torch.randint(-63, 64, (2048, 2048), dtype=torch.int8) for _ in range(2))
 times = []
 for _ in range(12):
     started = time.perf_counter()
-    a @ b
+    torch._int_mm(a, b) if int8 else a @ b
     times.append(time.perf_counter() - started)
 matmul = 2 * 2048 ** 3 / min(times[2:])
 print(json.dumps({"mean_tokens": round(tokens, 2), "gflop_per_pair": round(flops / 1e9, 3),
                   "matmul_gflops": round(matmul / 1e9, 1), "pairs_per_second": round(matmul / flops, 1)}))
 """
-    out = subprocess.run([sys.executable, "-c", code, ROOT], capture_output=True, text=True, check=True, cwd=ROOT)
+    out = subprocess.run([sys.executable, "-c", code, ROOT, model_dir, "int8" if int8 else "float32"],
+                         capture_output=True, text=True, check=True, cwd=ROOT)
     return json.loads(out.stdout.splitlines()[-1])
 
 
@@ -347,9 +355,9 @@ def churn(restarts: int) -> dict:
             "directory_ratio": round(churned["directory_bytes"] / calm["directory_bytes"], 2)}
 
 
-def peer_litserve(seconds: int, connections: int) -> dict:
+def peer_litserve(seconds: int, connections: int, env: dict | None = None) -> dict:
     port = free_port()
-    process = Process([sys.executable, "-m", "bench.peers.litserve_app", str(port)])
+    process = Process([sys.executable, "-m", "bench.peers.litserve_app", str(port)], env)
     try:
         wait_for(f"http://127.0.0.1:{port}/health")
         return load(f"http://127.0.0.1:{port}/predict", seconds, connections)
@@ -357,11 +365,11 @@ def peer_litserve(seconds: int, connections: int) -> dict:
         process.stop()
 
 
-def peer_flask(seconds: int, connections: int) -> dict:
+def peer_flask(seconds: int, connections: int, env: dict | None = None) -> dict:
     port = free_port()
     process = Process([sys.executable, "-m", "gunicorn", "-w", "2", "-b", f"127.0.0.1:{port}",
                        "bench.peers.flask_exporter_app:app"],
-                      {"PROMETHEUS_MULTIPROC_DIR": tempfile.mkdtemp(prefix="bench-peer-")})
+                      {"PROMETHEUS_MULTIPROC_DIR": tempfile.mkdtemp(prefix="bench-peer-"), **(env or {})})
     try:
         deadline = time.monotonic() + 120
         while subprocess.run(["curl", "-s", "-o", "/dev/null", "-w", "%{http_code}", "-X", "POST",
@@ -491,10 +499,22 @@ def main() -> int:
         finally:
             process.stop()
 
+    def service_traced(ratio: float) -> dict:
+        """``service`` with every worker exporting traces to a receiver on this host, sampled at ``ratio``."""
+        with OtlpReceiver(keep=False) as receiver:
+            env = {"OTEL_EXPORTER_OTLP_ENDPOINT": receiver.endpoint}
+            if ratio < 1:
+                env |= {"OTEL_TRACES_SAMPLER": "parentbased_traceidratio", "OTEL_TRACES_SAMPLER_ARG": str(ratio)}
+            result = service(env)
+            result["spans_exported"] = receiver.span_count
+            return result
+
     step("service", service)
     step("service_batch", service_batch)
     step("service_metrics_off", lambda: service({"MGEO_METRICS": "0"}))
     step("service_int8", lambda: service({"MGEO_INT8": "1"}))
+    step("service_traced", lambda: service_traced(1.0))
+    step("service_traced_1_percent", lambda: service_traced(0.01))
     # The only scenario with the result cache on (as shipped): 90% of requests repeat 200 pairs.
     step("service_repeat_heavy", lambda: service({"MGEO_CACHE_SIZE": SETTINGS["MGEO_CACHE_SIZE"]["default"]}, 0.9))
     step("overload", lambda: overload(args.seconds, args.connections))
@@ -520,6 +540,8 @@ def main() -> int:
         "vs_litserve (>= 1.5)": round(single / results["peer_litserve"]["pairs_per_second"], 2),
         "vs_flask_exporter (>= 1.5)": round(single / results["peer_flask_exporter"]["pairs_per_second"], 2),
         "metrics_cost (within noise)": round(1 - single / results["service_metrics_off"]["pairs_per_second"], 3),
+        "tracing_cost_100_percent": round(1 - results["service_traced"]["pairs_per_second"] / single, 3),
+        "tracing_cost_1_percent": round(1 - results["service_traced_1_percent"]["pairs_per_second"] / single, 3),
         "scrape_p99_ms_after_churn (<= 50)": results["churn"]["after_churn"]["scrape"]["p99_ms"],
         "time_to_ready_seconds (<= 10)": results["time_to_ready"]["median_seconds"],
         "sighup_failed_requests (0)": results["sighup"]["non_200"] + results["sighup"]["failed"],

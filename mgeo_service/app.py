@@ -45,14 +45,15 @@ class WorkerState:
                 # or new requests would wait for a thread, unseen by admission, until their clients give up.
                 self._batcher = MicroBatcher(matcher.forward, settings.batch_max_pairs, settings.batch_wait_ms / 1000,
                                              settings.metrics, threads, settings.threads - settings.threads // 4,
-                                             self.tracer)
+                                             self.tracer, settings.batch_max_tokens)
             return self._batcher
 
 
 def default_loader(settings: Settings) -> ModelLoader:
     def load():
         return Matcher(settings.model_dir or None, device=settings.device, max_length=settings.max_length,
-                       batch_size=settings.batch_max_pairs, threads=settings.worker_torch_threads,
+                       batch_size=settings.batch_max_pairs, batch_tokens=settings.batch_max_tokens,
+                       threads=settings.worker_torch_threads,
                        fp16=settings.fp16, int8=settings.int8)
     return ModelLoader(load)
 

@@ -3,8 +3,10 @@
 Request threads hand their pairs to ``MicroBatcher.submit`` and block (asleep: a waiting
 request costs no CPU and does not hold the GIL). Each of ``threads`` batching threads takes
 the first waiting request, lets others join for up to ``wait_seconds`` or until ``max_pairs``
-pairs are waiting, runs the forwards (length-sorted chunks of at most ``max_pairs``) and hands
-each request its own rows back, in order. Several batching threads share one queue, so their
+pairs or ``max_tokens`` tokens are waiting, runs the forwards (length-sorted chunks of at most
+``max_pairs`` pairs and ``max_tokens`` tokens) and hands each request its own rows back, in
+order. The token bound keeps a forward of long pairs from growing its latency and memory
+with their length, and lets a batch of short ones fill up to ``max_pairs``. Several batching threads share one queue, so their
 forwards run side by side on separate cores while every request still goes to whichever
 forward starts next.
 
@@ -105,12 +107,17 @@ class _Job:
     probabilities: torch.Tensor | None = None
     error: Exception | None = None
 
+    @property
+    def tokens(self) -> int:
+        return sum(len(ids) for ids, _ in self.encoded)
+
 
 class MicroBatcher:
     def __init__(self, forward: Callable[[Sequence[Encoded]], torch.Tensor], max_pairs: int,
                  wait_seconds: float, instrument: bool = True, threads: int = 1, max_requests: int = 1_000_000,
-                 tracer: Tracer | None = None):
+                 tracer: Tracer | None = None, max_tokens: int | None = None):
         self._forward = forward
+        self._max_tokens = max_tokens
         self._tracer = tracer or NoOpTracer()
         self._max_requests = max_requests
         self._max_pairs = max_pairs
@@ -211,15 +218,15 @@ class MicroBatcher:
     def _run(self) -> None:
         while True:
             jobs = [self._queue.get()]
-            waiting = len(jobs[0].encoded)
+            waiting, tokens = len(jobs[0].encoded), jobs[0].tokens
             collect_until = time.perf_counter() + self._wait_seconds
-            while waiting < self._max_pairs:
+            while waiting < self._max_pairs and not (self._max_tokens and tokens >= self._max_tokens):
                 try:
                     job = self._queue.get(timeout=max(0.0, collect_until - time.perf_counter()))
                 except queue.Empty:
                     break
                 jobs.append(job)
-                waiting += len(job.encoded)
+                waiting, tokens = waiting + len(job.encoded), tokens + job.tokens
             jobs = self._start(jobs)
             if not jobs:
                 continue
@@ -260,11 +267,11 @@ class MicroBatcher:
         for job in jobs:
             self._tracer.start_span("queue wait", context=job.trace_context, start_time=job.enqueued_ns).end(started_ns)
         attributes = {"mgeo.batch.pairs": len(encoded), "mgeo.batch.requests": len(jobs),
-                      "mgeo.batch.tokens": sum(len(ids) for ids, _ in encoded)}
+                      "mgeo.batch.tokens": sum(job.tokens for job in jobs)}
         with self._tracer.start_as_current_span("forward", context=jobs[0].trace_context, start_time=started_ns,
                                                 links=tracing.links_to(job.trace_context for job in jobs),
                                                 attributes=attributes, record_exception=False):
-            return forward_in_chunks(self._forward, encoded, self._max_pairs, self._observe_forward)
+            return forward_in_chunks(self._forward, encoded, self._max_pairs, self._observe_forward, self._max_tokens)
 
     def _observe_forward(self, pairs: int, seconds: float) -> None:
         with self._lock:

@@ -13,6 +13,7 @@ def _matcher(args, settings):
     from .matcher import Matcher
     return Matcher(args.model or settings.model_dir or None, device=settings.device,
                    max_length=settings.max_length, batch_size=getattr(args, "batch_size", 64),
+                   batch_tokens=settings.batch_max_tokens,
                    threads=settings.torch_threads or None, fp16=settings.fp16, int8=settings.int8)
 
 

@@ -96,6 +96,8 @@ SETTINGS = {
     "MGEO_MAX_BODY_BYTES": _setting("65536", _integer(64), "largest /predict body"),
     "MGEO_MAX_ADDRESS_CHARS": _setting("1000", _integer(1), "longest address accepted (before tokenising)"),
     "MGEO_BATCH_MAX_PAIRS": _setting("32", _integer(1, 4096), "most pairs in one coalesced forward"),
+    "MGEO_BATCH_MAX_TOKENS": _setting("2048", _integer(1), "most tokens in one coalesced forward (a longer pair "
+                                      "runs alone): bounds a forward's time and memory by its work, not its pairs"),
     "MGEO_BATCH_WAIT_MS": _setting("2", _number(0), "how long a forward waits for more requests to join"),
     "MGEO_BATCH_THREADS": _setting("0", _integer(0, 256), "forwards a worker runs side by side; 0: CPU cores / "
                                    "(workers x torch threads) on a CPU, 1 on a GPU"),
@@ -181,6 +183,7 @@ class Settings:
     max_body_bytes: int
     max_address_chars: int
     batch_max_pairs: int
+    batch_max_tokens: int
     batch_wait_ms: float
     batch_threads: int
     request_timeout_ms: int

@@ -71,20 +71,32 @@ def build_model(checkpoint: Checkpoint) -> BertForSequenceClassification:
     return model.eval()
 
 
-def length_sorted_chunks(encoded: Sequence[tuple[list[int], list[int]]], size: int) -> list[list[int]]:
-    """Indices of ``encoded`` in chunks of at most ``size``, shortest first: attention groups of even length."""
+def length_sorted_chunks(encoded: Sequence[tuple[list[int], list[int]]], size: int,
+                         max_tokens: int | None = None) -> list[list[int]]:
+    """Indices of ``encoded`` in chunks of at most ``size`` pairs and ``max_tokens`` tokens (a pair longer
+    than that goes alone), shortest first: attention groups of even length, forwards of bounded work."""
     order = sorted(range(len(encoded)), key=lambda i: len(encoded[i][0]))
-    return [order[start:start + size] for start in range(0, len(order), size)]
+    chunks, chunk, tokens = [], [], 0
+    for i in order:
+        length = len(encoded[i][0])
+        if chunk and (len(chunk) == size or (max_tokens and tokens + length > max_tokens)):
+            chunks.append(chunk)
+            chunk, tokens = [], 0
+        chunk.append(i)
+        tokens += length
+    return chunks + [chunk] if chunk else chunks
 
 
 def forward_in_chunks(forward: Callable[[list], torch.Tensor], encoded: Sequence[tuple[list[int], list[int]]],
-                      size: int, on_forward: Callable[[int, float], None] | None = None) -> torch.Tensor:
-    """Probabilities for every encoded pair, in input order, from length-sorted forwards of at most ``size``.
+                      size: int, on_forward: Callable[[int, float], None] | None = None,
+                      max_tokens: int | None = None) -> torch.Tensor:
+    """Probabilities for every encoded pair, in input order, from length-sorted forwards of at most ``size``
+    pairs and ``max_tokens`` tokens.
 
     ``on_forward(pairs, seconds)`` hears about each forward (the service's metrics).
     """
     rows: list[torch.Tensor | None] = [None] * len(encoded)
-    for chunk in length_sorted_chunks(encoded, size):
+    for chunk in length_sorted_chunks(encoded, size, max_tokens):
         started = time.perf_counter()
         probabilities = forward([encoded[i] for i in chunk])
         if on_forward:
@@ -98,7 +110,7 @@ class Matcher:
     """Loads a model directory once and scores batches of address pairs."""
 
     def __init__(self, model_dir: str | None = None, device: str = "auto",
-                 max_length: int = DEFAULT_MAX_LENGTH, batch_size: int = 64,
+                 max_length: int = DEFAULT_MAX_LENGTH, batch_size: int = 64, batch_tokens: int | None = None,
                  threads: int | None = None, fp16: bool = False, int8: bool = False):
         started = time.perf_counter()
         self.model_dir = model_dir or DEFAULT_MODEL_DIR
@@ -112,7 +124,7 @@ class Matcher:
         self.name = checkpoint.name
         self.version = checkpoint.version
         self.max_length = max_length
-        self.batch_size = batch_size
+        self.batch_size, self.batch_tokens = batch_size, batch_tokens
         model = build_model(checkpoint)
         # Each applies on its own kind of device only, so one configuration serves a mixed fleet.
         self.precision = ("int8" if int8 and self.device.type == "cpu" else
@@ -143,7 +155,8 @@ class Matcher:
         """One prediction per pair, in input order."""
         if not pairs:
             return []
-        probabilities = forward_in_chunks(self.forward, self.encode(pairs), self.batch_size)
+        probabilities = forward_in_chunks(self.forward, self.encode(pairs), self.batch_size,
+                                          max_tokens=self.batch_tokens)
         return [self.prediction(p) for p in probabilities]
 
     def forward(self, encoded: Sequence[tuple[list[int], list[int]]]) -> torch.Tensor:

@@ -40,6 +40,20 @@ def test_batching_threads_run_forwards_side_by_side_from_one_queue():
     assert {length: answer[0, 0].item() for length, answer in answers.items()} == {3: 3.0, 5: 5.0}
 
 
+def test_a_forward_holds_at_most_the_token_budget_and_stops_collecting_at_it():
+    sizes = []
+
+    def forward(encoded):
+        sizes.append([len(ids) for ids, _ in encoded])
+        return torch.tensor([[float(len(ids)), 0.0, 0.0] for ids, _ in encoded])
+
+    # A long wait: only the token budget can end the collection before it.
+    batcher = MicroBatcher(forward, max_pairs=64, wait_seconds=HOUR, instrument=False, max_tokens=100)
+    answer = submit(batcher, [pair(40), pair(30), pair(50), pair(20)])
+    assert sorted(sizes) == [[20, 30, 40], [50]]  # length-sorted, 90 tokens, then what did not fit
+    assert answer[:, 0].tolist() == [40.0, 30.0, 50.0, 20.0]  # each pair its own row, in order
+
+
 def test_one_batching_thread_runs_one_forward_at_a_time():
     running, most = [0], [0]
     lock = threading.Lock()

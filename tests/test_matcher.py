@@ -49,6 +49,28 @@ def test_length_sorted_chunks_cover_every_index_once():
     assert chunks == [[1, 3], [0, 4], [2]]
 
 
+def test_a_token_budget_cuts_chunks_of_long_pairs_and_runs_a_longer_pair_alone():
+    encoded = [([0] * n, [0] * n) for n in (60, 5, 70, 6, 200, 7)]
+    chunks = length_sorted_chunks(encoded, 4, max_tokens=100)
+    assert chunks == [[1, 3, 5, 0], [2], [4]]  # 78 tokens; 130 would be over; 200 alone
+    assert sorted(i for chunk in chunks for i in chunk) == list(range(len(encoded)))
+    assert length_sorted_chunks(encoded, 4, max_tokens=None) == [[1, 3, 5, 0], [2, 4]]
+
+
+def test_forwards_cut_by_tokens_give_each_pair_what_it_gets_alone():
+    matcher = Matcher(DEFAULT_MODEL_DIR, device="cpu", batch_size=32, batch_tokens=96)
+    pairs = [(p.address1, p.address2) for p in read_pairs(f"{DATA}/address_pairs.tsv")][:24]
+    calls = []
+    forward = matcher.forward
+    matcher.forward = lambda encoded: calls.append(sum(len(ids) for ids, _ in encoded)) or forward(encoded)
+    batched = matcher.predict(pairs)
+    assert len(calls) > 1 and all(tokens <= 96 for tokens in calls)  # the budget, not 32 pairs, cut them
+    for pair, result in zip(pairs, batched):
+        alone = matcher.predict([pair])[0]
+        for label in LABELS:
+            assert result.scores[label] == pytest.approx(alone.scores[label], abs=1e-5)
+
+
 def test_long_addresses_are_truncated_to_max_length(default_matcher):
     long_address = "北京市海淀区中关村大街" * 200
     ids, types = default_matcher.encode([(long_address, long_address)])[0]

@@ -2,6 +2,8 @@
 each framework, through transformers' own tokenizer and padded forward (not the service's matcher)."""
 from __future__ import annotations
 
+import os
+
 import torch
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
@@ -9,13 +11,15 @@ from mgeo_service.matcher import DEFAULT_MODEL_DIR
 
 
 class PlainModel:
-    """The default model as transformers loads it: a padded batch per call, softmax, labels."""
+    """The model as transformers loads it (the default one, or the Hugging Face directory in
+    ``BENCH_MODEL_DIR``): a padded batch per call, softmax, labels."""
 
     def __init__(self, threads: int):
         torch.set_num_threads(threads)
-        self.tokenizer = AutoTokenizer.from_pretrained(DEFAULT_MODEL_DIR)
+        model_dir = os.environ.get("BENCH_MODEL_DIR") or DEFAULT_MODEL_DIR
+        self.tokenizer = AutoTokenizer.from_pretrained(model_dir)
         # float32 as the service runs it (the file stores float16, which a CPU runs far slower).
-        self.model = AutoModelForSequenceClassification.from_pretrained(DEFAULT_MODEL_DIR, dtype=torch.float32).eval()
+        self.model = AutoModelForSequenceClassification.from_pretrained(model_dir, dtype=torch.float32).eval()
         self.labels = [self.model.config.id2label[i] for i in range(self.model.config.num_labels)]
 
     @torch.inference_mode()
