@@ -27,6 +27,7 @@ sys.path.insert(0, ROOT)
 
 import torch  # noqa: E402
 
+from bench.base import SERVICE_ENV as BASE_SERVICE_ENV, build_checkpoints  # noqa: E402
 from bench.openloop import open_loop, summary  # noqa: E402
 from bench.otlp import OtlpReceiver  # noqa: E402
 from mgeo_service.config import SETTINGS  # noqa: E402
@@ -457,6 +458,7 @@ def main() -> int:
     parser.add_argument("--connections", type=int, default=32)
     parser.add_argument("--batch-connections", type=int, default=4, help="connections sending 32-pair requests")
     parser.add_argument("--restarts", type=int, default=1000)
+    parser.add_argument("--base-pairs", type=int, default=400, help="pairs of the base-size in-process ceiling")
     parser.add_argument("--out", default=os.path.join(HERE, "results", "latest.json"))
     parser.add_argument("--only", nargs="+", metavar="STEP", help="run only these steps (no targets then)")
     args = parser.parse_args()
@@ -517,6 +519,32 @@ def main() -> int:
     step("service_traced_1_percent", lambda: service_traced(0.01))
     # The only scenario with the result cache on (as shipped): 90% of requests repeat 200 pairs.
     step("service_repeat_heavy", lambda: service({"MGEO_CACHE_SIZE": SETTINGS["MGEO_CACHE_SIZE"]["default"]}, 0.9))
+    def base_size() -> dict:
+        """MGeo base's shape (bench/base.py): per precision the ceiling, the physical limit, single pairs at
+        --connections and 32-pair requests at 2 connections through the service; the peers in float32."""
+        mgeo, hf = build_checkpoints(os.path.join(tempfile.gettempdir(), "mgeo-bench-base"))
+        result = {}
+        for precision, int8 in (("float32", False), ("int8", True)):
+            measured = {"ceiling": ceiling(mgeo, int8, args.base_pairs, batches=(32,)),
+                        "physical_limit": physical_limit(mgeo, int8)}
+            process, url, _, _, _ = serve({**BASE_SERVICE_ENV, "MGEO_MODEL_DIR": mgeo, "MGEO_INT8": str(int(int8))})
+            try:
+                measured["service"] = single_pairs_with_probes(url, args.seconds, args.connections)
+                measured["service_batch"] = load(url + "/predict", args.seconds, 2, batch=32)
+            finally:
+                process.stop()
+            measured["single_vs_ceiling"] = round(
+                measured["service"]["pairs_per_second"] / measured["ceiling"]["pairs_per_second"], 3)
+            result[precision] = measured
+        peers = {"BENCH_MODEL_DIR": hf}
+        result["peer_litserve"] = peer_litserve(args.seconds, args.connections, peers)
+        result["peer_flask_exporter"] = peer_flask(args.seconds, args.connections, peers)
+        single = result["float32"]["service"]["pairs_per_second"]
+        result["int8_vs_float32_service"] = round(result["int8"]["service"]["pairs_per_second"] / single, 2)
+        result["vs_litserve"] = round(single / result["peer_litserve"]["pairs_per_second"], 2)
+        result["vs_flask_exporter"] = round(single / result["peer_flask_exporter"]["pairs_per_second"], 2)
+        return result
+
     step("overload", lambda: overload(args.seconds, args.connections))
     step("sighup", lambda: sighup(args.seconds))
     step("churn", lambda: churn(args.restarts))
@@ -525,6 +553,7 @@ def main() -> int:
                                        "median_seconds": round(statistics.median(ready_times), 2)})
     step("peer_litserve", lambda: peer_litserve(args.seconds, args.connections))
     step("peer_flask_exporter", lambda: peer_flask(args.seconds, args.connections))
+    step("base_size", base_size)
 
     if args.only:
         print(json.dumps({name: results[name] for name in args.only if name in results}, indent=2))
@@ -550,6 +579,11 @@ def main() -> int:
         "open_loop_4x_429_p99_ms (<= 20)": results["overload"]["open_loop_4x"]["p99_429_ms"],
         "after_burst_seconds (<= 1)": max(results["overload"][f"open_loop_{m}x"]["after_burst"]["seconds"]
                                           for m in (2, 4)),
+        "base_single_vs_ceiling_float32 (>= 0.90)": results["base_size"]["float32"]["single_vs_ceiling"],
+        "base_single_vs_ceiling_int8 (>= 0.90)": results["base_size"]["int8"]["single_vs_ceiling"],
+        "base_int8_vs_float32_service (>= 1.8)": results["base_size"]["int8_vs_float32_service"],
+        "base_vs_litserve (>= 1.5)": results["base_size"]["vs_litserve"],
+        "base_vs_flask_exporter (>= 1.5)": results["base_size"]["vs_flask_exporter"],
     }
     os.makedirs(os.path.dirname(args.out), exist_ok=True)
     with open(args.out, "w") as f:

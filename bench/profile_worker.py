@@ -1,4 +1,4 @@
-"""Where a worker's time goes under the single-pair load: `python bench/profile.py [--seconds N]`.
+"""Where a worker's time goes under the single-pair load: `python bench/profile_worker.py [--seconds N]`.
 
 Starts `mgeo-service serve` (127.0.0.1, MGEO_* settings from the environment), drives it with
 wrk (single pairs, 32 connections) and samples every worker with `py-spy record --gil`: the
