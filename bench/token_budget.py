@@ -9,7 +9,6 @@ forward, which is what a request waits for on top of its queue.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import threading

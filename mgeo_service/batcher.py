@@ -6,9 +6,9 @@ the first waiting request, lets others join for up to ``wait_seconds`` or until 
 pairs or ``max_tokens`` tokens are waiting, runs the forwards (length-sorted chunks of at most
 ``max_pairs`` pairs and ``max_tokens`` tokens) and hands each request its own rows back, in
 order. The token bound keeps a forward of long pairs from growing its latency and memory
-with their length, and lets a batch of short ones fill up to ``max_pairs``. Several batching threads share one queue, so their
-forwards run side by side on separate cores while every request still goes to whichever
-forward starts next.
+with their length, and lets a batch of short ones fill up to ``max_pairs``. Several batching
+threads share one queue, so their forwards run side by side on separate cores while every
+request still goes to whichever forward starts next.
 
 Work nobody will wait for is never computed:
 
@@ -265,7 +265,8 @@ class MicroBatcher:
                     metrics.QUEUE_DURATION.observe(waited)
         started_ns = time.time_ns()
         for job in jobs:
-            self._tracer.start_span("queue wait", context=job.trace_context, start_time=job.enqueued_ns).end(started_ns)
+            waiting = self._tracer.start_span("queue wait", context=job.trace_context, start_time=job.enqueued_ns)
+            waiting.end(started_ns)
         attributes = {"mgeo.batch.pairs": len(encoded), "mgeo.batch.requests": len(jobs),
                       "mgeo.batch.tokens": sum(job.tokens for job in jobs)}
         with self._tracer.start_as_current_span("forward", context=jobs[0].trace_context, start_time=started_ns,

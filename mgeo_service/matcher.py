@@ -20,7 +20,7 @@ import torch
 from transformers import BertForSequenceClassification
 
 from .checkpoint import LABELS, Checkpoint, CheckpointError, load_checkpoint
-from .packed import PackedBert
+from .packed import PackedBert, int8_speedup
 
 log = logging.getLogger(__name__)
 
@@ -132,6 +132,14 @@ class Matcher:
         if self.precision == "float16":
             model = model.half()
         self.model = model.to(self.device)
+        self.int8_speedup = None
+        if self.precision == "int8":
+            config = model.config
+            self.int8_speedup = int8_speedup(config.hidden_size, config.intermediate_size)
+            if self.int8_speedup < 1:
+                log.warning("MGEO_INT8: this CPU multiplies in int8 %.1fx slower than in float32 (no fast int8 "
+                            "kernel here): the model will run slower, not faster; set MGEO_INT8=0",
+                            1 / self.int8_speedup)
         try:
             self._packed = PackedBert(self.model, int8=self.precision == "int8")
         except ValueError as exc:

@@ -65,6 +65,15 @@ def test_default_model_batches_give_the_probabilities_of_each_pair_alone(default
     assert_transformers_agrees(default_matcher, real_pairs())
 
 
+def test_int8_warns_at_load_where_this_cpu_multiplies_int8_slower(caplog):
+    with caplog.at_level("WARNING", logger="mgeo_service.matcher"):
+        int8 = Matcher(device="cpu", int8=True)
+    assert int8.int8_speedup > 0
+    warned = [r for r in caplog.records if "MGEO_INT8" in r.getMessage()]
+    assert bool(warned) == (int8.int8_speedup < 1)
+    assert Matcher(device="cpu").int8_speedup is None  # float32 measures nothing
+
+
 def test_int8_batches_give_each_pair_s_probabilities_alone_close_to_float32(default_matcher):
     int8 = Matcher(device="cpu", int8=True)
     assert (int8.precision, default_matcher.precision) == ("int8", "float32")
