@@ -541,6 +541,7 @@ def main() -> int:
             measured["single_vs_ceiling"] = round(
                 measured["service"]["pairs_per_second"] / measured["ceiling"]["pairs_per_second"], 3)
             result[precision] = measured
+            print(f"bench: base_size {precision}: {json.dumps(measured)}", file=sys.stderr, flush=True)
         peers = {"BENCH_MODEL_DIR": hf}
         result["peer_litserve"] = peer_litserve(args.seconds, args.connections, peers)
         result["peer_flask_exporter"] = peer_flask(args.seconds, args.connections, peers)

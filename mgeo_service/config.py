@@ -77,7 +77,8 @@ SETTINGS = {
     "MGEO_DEVICE": _setting("auto", _device, "auto (CUDA when available), cpu, cuda or cuda:N"),
     "MGEO_FP16": _setting("0", _boolean, "run the model in float16 (CUDA only)"),
     "MGEO_INT8": _setting("0", _boolean, "run the encoder's dense layers in int8 (CPU only): a forward about twice "
-                          "as fast, results close to float32's, not equal (MODEL_CARD.md)"),
+                          "as fast where the CPU has a fast int8 kernel (the worker warns at load where it is "
+                          "slower), results close to float32's, not equal (MODEL_CARD.md)"),
     "MGEO_MAX_LENGTH": _setting("128", _integer(8, 512), "tokens per pair; longer pairs are truncated"),
     "MGEO_TORCH_THREADS": _setting("0", _integer(0), "CPU threads each forward uses; 0: 1 when serving (forwards run "
                                    "side by side instead), every core for predict and evaluate"),
