@@ -133,7 +133,8 @@ def wrk_result(process: subprocess.Popen, batch: int = 1) -> dict:
     out, _ = process.communicate(timeout=600)
     summary = json.loads([line for line in out.splitlines() if line.startswith("{")][-1])
     summary["requests_per_second"] = round(summary["requests"] / summary["seconds"], 1)
-    summary["pairs_per_second"] = round(summary["requests"] * max(batch, 1) / summary["seconds"], 1)
+    answered = summary["requests"] - summary["non_2xx"]  # a 429 or 504 scored nothing
+    summary["pairs_per_second"] = round(answered * max(batch, 1) / summary["seconds"], 1)
     return summary
 
 
@@ -265,10 +266,25 @@ print(json.dumps({"mean_tokens": round(tokens, 2), "gflop_per_pair": round(flops
     return json.loads(out.stdout.splitlines()[-1])
 
 
-def single_pairs_with_probes(url: str, seconds: int, connections: int, repeat_share: float = 0.0) -> dict:
-    """Single pairs at ``connections`` after a warm-up, with liveness and readiness probed 10 times a
-    second each during the load: wrk's summary plus the probes' latencies."""
+def drain(metrics_url: str, timeout: float = 120.0) -> None:
+    """Until no /predict is in progress: requests a load left behind (its clients gone) still hold
+    threads and count against admission until their forward starts."""
+    deadline = time.monotonic() + timeout
+    while any(value for series, value in scrape(metrics_url).items()
+              if series.startswith("mgeo_requests_inprogress") and "/predict" in series):
+        if time.monotonic() > deadline:
+            raise RuntimeError("the service did not drain")
+        time.sleep(0.2)
+
+
+def single_pairs_with_probes(url: str, seconds: int, connections: int, repeat_share: float = 0.0,
+                             metrics_url: str | None = None) -> dict:
+    """Single pairs at ``connections`` after a warm-up (and, given ``metrics_url``, once the warm-up's
+    requests are answered), with liveness and readiness probed 10 times a second each during the
+    load: wrk's summary plus the probes' latencies."""
     wrk(url + "/predict", 3, connections, repeat_share=repeat_share).communicate(timeout=60)
+    if metrics_url:
+        drain(metrics_url)
     probes = {"live": Probe(url + "/health/live", seconds), "ready": Probe(url + "/health/ready", seconds)}
     for probe in probes.values():
         probe.start()
@@ -532,10 +548,13 @@ def main() -> int:
                 continue
             measured = {"ceiling": ceiling(mgeo, int8, args.base_pairs, batches=(32,)),
                         "physical_limit": physical_limit(mgeo, int8)}
-            process, url, _, _, _ = serve({**BASE_SERVICE_ENV, "MGEO_MODEL_DIR": mgeo, "MGEO_INT8": str(int(int8))})
-            try:
-                measured["service"] = single_pairs_with_probes(url, args.seconds, args.connections)
-                measured["service_batch"] = load(url + "/predict", args.seconds, 2, batch=32)
+            process, url, metrics_url, _, _ = serve({**BASE_SERVICE_ENV, "MGEO_MODEL_DIR": mgeo,
+                                                     "MGEO_INT8": str(int(int8))})
+            try:  # twice as long: a base-size forward of 32 pairs takes seconds here
+                measured["service"] = single_pairs_with_probes(url, 2 * args.seconds, args.connections,
+                                                               metrics_url=metrics_url)
+                drain(metrics_url)
+                measured["service_batch"] = load(url + "/predict", 2 * args.seconds, 2, batch=32)
             finally:
                 process.stop()
             measured["single_vs_ceiling"] = round(
@@ -543,8 +562,8 @@ def main() -> int:
             result[precision] = measured
             print(f"bench: base_size {precision}: {json.dumps(measured)}", file=sys.stderr, flush=True)
         peers = {"BENCH_MODEL_DIR": hf}
-        result["peer_litserve"] = peer_litserve(args.seconds, args.connections, peers)
-        result["peer_flask_exporter"] = peer_flask(args.seconds, args.connections, peers)
+        result["peer_litserve"] = peer_litserve(2 * args.seconds, args.connections, peers)
+        result["peer_flask_exporter"] = peer_flask(2 * args.seconds, args.connections, peers)
         single = result["float32"]["service"]["pairs_per_second"]
         if "service" in result["int8"]:
             result["int8_vs_float32_service"] = round(result["int8"]["service"]["pairs_per_second"] / single, 2)
