@@ -22,7 +22,6 @@ script works before GPU minutes are spent on it.
 from __future__ import annotations
 
 import argparse
-import http.client
 import json
 import multiprocessing
 import os
@@ -34,6 +33,7 @@ import tempfile
 import threading
 import time
 import traceback
+from http.client import HTTPConnection
 
 import torch
 
@@ -169,7 +169,7 @@ def _client_process(url: str, seconds: float, threads: int, batch: int, offset: 
     stop = time.monotonic() + seconds
 
     def client(number):
-        connection = http.client.HTTPConnection(host, int(port), timeout=60)
+        connection = HTTPConnection(host, int(port), timeout=60)
         i = number
         while time.monotonic() < stop:
             pairs = [PAIRS[(i + k) % len(PAIRS)] for k in range(batch)]
@@ -187,7 +187,7 @@ def _client_process(url: str, seconds: float, threads: int, batch: int, offset: 
                     failures[0] += 1
             except OSError:
                 failures[0] += 1
-                connection = http.client.HTTPConnection(host, int(port), timeout=60)
+                connection = HTTPConnection(host, int(port), timeout=60)
             i += 7919
 
     workers = [threading.Thread(target=client, args=(offset * threads + n,)) for n in range(threads)]
@@ -257,8 +257,9 @@ def served(model: str, work: str, device: str, layout: dict, seconds: float, qui
         sampler.join()
         figures["gauges_during_batch32_load"] = during
         figures["single"] = load(service.url, seconds, 128 if not quick else 8, 1, processes)
-        figures["mean_pairs_per_forward"] = round(
-            service.metric("mgeo_inference_batch_size_sum") / service.metric("mgeo_inference_batch_size_count"), 1)
+        forwards = service.metric("mgeo_inference_batch_size_count") or 0
+        figures["mean_pairs_per_forward"] = round(service.metric("mgeo_inference_batch_size_sum") / forwards, 1) \
+            if forwards else None
         if device == "cuda" and layout == LAYOUTS[0]:
             holder = hold_gpu_memory()
             try:
