@@ -402,6 +402,43 @@ def peer_flask(seconds: int, connections: int, env: dict | None = None) -> dict:
         process.stop()
 
 
+def base_size(seconds: int, connections: int, ceiling_pairs: int) -> dict:
+    """MGeo base's shape (bench/base.py): per precision the ceiling on ``ceiling_pairs``, the physical limit,
+    single pairs at ``connections`` and 32-pair requests at 2 connections through the service; the peers in
+    float32. Loads run twice ``seconds``: a base-size forward of 32 pairs takes seconds here."""
+    mgeo, hf = build_checkpoints(os.path.join(tempfile.gettempdir(), "mgeo-bench-base"))
+    result = {}
+    for precision, int8 in (("float32", False), ("int8", True)):
+        if int8 and (speedup := int8_speedup(768, 3072)) < 1:  # hours of load for a figure known to lose
+            result[precision] = {"skipped": f"this CPU multiplies in int8 {1 / speedup:.1f}x slower than in "
+                                            "float32 (no fast int8 kernel)", "int8_speedup": round(speedup, 3)}
+            continue
+        measured = {"ceiling": ceiling(mgeo, int8, ceiling_pairs, batches=(32,)),
+                    "physical_limit": physical_limit(mgeo, int8)}
+        process, url, metrics_url, _, _ = serve({**BASE_SERVICE_ENV, "MGEO_MODEL_DIR": mgeo,
+                                                 "MGEO_INT8": str(int(int8))})
+        try:
+            measured["service"] = single_pairs_with_probes(url, 2 * seconds, connections,
+                                                           metrics_url=metrics_url)
+            drain(metrics_url)
+            measured["service_batch"] = load(url + "/predict", 2 * seconds, 2, batch=32)
+        finally:
+            process.stop()
+        measured["single_vs_ceiling"] = round(
+            measured["service"]["pairs_per_second"] / measured["ceiling"]["pairs_per_second"], 3)
+        result[precision] = measured
+        print(f"bench: base_size {precision}: {json.dumps(measured)}", file=sys.stderr, flush=True)
+    peers = {"BENCH_MODEL_DIR": hf}
+    result["peer_litserve"] = peer_litserve(2 * seconds, connections, peers)
+    result["peer_flask_exporter"] = peer_flask(2 * seconds, connections, peers)
+    single = result["float32"]["service"]["pairs_per_second"]
+    if "service" in result["int8"]:
+        result["int8_vs_float32_service"] = round(result["int8"]["service"]["pairs_per_second"] / single, 2)
+    result["vs_litserve"] = round(single / result["peer_litserve"]["pairs_per_second"], 2)
+    result["vs_flask_exporter"] = round(single / result["peer_flask_exporter"]["pairs_per_second"], 2)
+    return result
+
+
 def overload(seconds: int, connections: int, multiples=(2, 4), give_up: float = 2.0) -> dict:
     """Closed-loop capacity (wrk, single pairs), then open-loop arrivals at ``multiples`` of it for
     ``seconds`` each, every client giving up after ``give_up`` s (the default deadline); after each
@@ -536,41 +573,6 @@ def main() -> int:
     step("service_traced_1_percent", lambda: service_traced(0.01))
     # The only scenario with the result cache on (as shipped): 90% of requests repeat 200 pairs.
     step("service_repeat_heavy", lambda: service({"MGEO_CACHE_SIZE": SETTINGS["MGEO_CACHE_SIZE"]["default"]}, 0.9))
-    def base_size() -> dict:
-        """MGeo base's shape (bench/base.py): per precision the ceiling, the physical limit, single pairs at
-        --connections and 32-pair requests at 2 connections through the service; the peers in float32."""
-        mgeo, hf = build_checkpoints(os.path.join(tempfile.gettempdir(), "mgeo-bench-base"))
-        result = {}
-        for precision, int8 in (("float32", False), ("int8", True)):
-            if int8 and (speedup := int8_speedup(768, 3072)) < 1:  # hours of load for a figure known to lose
-                result[precision] = {"skipped": f"this CPU multiplies in int8 {1 / speedup:.1f}x slower than in "
-                                                "float32 (no fast int8 kernel)", "int8_speedup": round(speedup, 3)}
-                continue
-            measured = {"ceiling": ceiling(mgeo, int8, args.base_pairs, batches=(32,)),
-                        "physical_limit": physical_limit(mgeo, int8)}
-            process, url, metrics_url, _, _ = serve({**BASE_SERVICE_ENV, "MGEO_MODEL_DIR": mgeo,
-                                                     "MGEO_INT8": str(int(int8))})
-            try:  # twice as long: a base-size forward of 32 pairs takes seconds here
-                measured["service"] = single_pairs_with_probes(url, 2 * args.seconds, args.connections,
-                                                               metrics_url=metrics_url)
-                drain(metrics_url)
-                measured["service_batch"] = load(url + "/predict", 2 * args.seconds, 2, batch=32)
-            finally:
-                process.stop()
-            measured["single_vs_ceiling"] = round(
-                measured["service"]["pairs_per_second"] / measured["ceiling"]["pairs_per_second"], 3)
-            result[precision] = measured
-            print(f"bench: base_size {precision}: {json.dumps(measured)}", file=sys.stderr, flush=True)
-        peers = {"BENCH_MODEL_DIR": hf}
-        result["peer_litserve"] = peer_litserve(2 * args.seconds, args.connections, peers)
-        result["peer_flask_exporter"] = peer_flask(2 * args.seconds, args.connections, peers)
-        single = result["float32"]["service"]["pairs_per_second"]
-        if "service" in result["int8"]:
-            result["int8_vs_float32_service"] = round(result["int8"]["service"]["pairs_per_second"] / single, 2)
-        result["vs_litserve"] = round(single / result["peer_litserve"]["pairs_per_second"], 2)
-        result["vs_flask_exporter"] = round(single / result["peer_flask_exporter"]["pairs_per_second"], 2)
-        return result
-
     step("overload", lambda: overload(args.seconds, args.connections))
     step("sighup", lambda: sighup(args.seconds))
     step("churn", lambda: churn(args.restarts))
@@ -579,7 +581,7 @@ def main() -> int:
                                        "median_seconds": round(statistics.median(ready_times), 2)})
     step("peer_litserve", lambda: peer_litserve(args.seconds, args.connections))
     step("peer_flask_exporter", lambda: peer_flask(args.seconds, args.connections))
-    step("base_size", base_size)
+    step("base_size", lambda: base_size(args.seconds, args.connections, args.base_pairs))
 
     if args.only:
         print(json.dumps({name: results[name] for name in args.only if name in results}, indent=2))

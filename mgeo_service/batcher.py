@@ -32,6 +32,7 @@ import queue
 import threading
 import time
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import Callable, Sequence
 
 import torch
@@ -107,7 +108,7 @@ class _Job:
     probabilities: torch.Tensor | None = None
     error: Exception | None = None
 
-    @property
+    @cached_property  # read when the batch is collected and again at its forward
     def tokens(self) -> int:
         return sum(len(ids) for ids, _ in self.encoded)
 

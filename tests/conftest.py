@@ -78,12 +78,13 @@ def grafana_to_promql(expr: str, instance: str = ".*") -> str:
             .replace("$node", ".*"))
 
 
-def wait_for_ready(url: str, process: subprocess.Popen, log_path, timeout: float = 60.0) -> None:
-    """Until GET <url>/-/ready answers 200 (Prometheus and Alertmanager both serve it)."""
+def wait_for_ready(url: str, process: subprocess.Popen, log_path, timeout: float = 60.0,
+                   path: str = "/-/ready") -> None:
+    """Until GET <url><path> answers 200 (Prometheus and Alertmanager both serve /-/ready)."""
     deadline = time.monotonic() + timeout
     while True:
         try:
-            if http("GET", url + "/-/ready", timeout=2)[0] == 200:
+            if http("GET", url + path, timeout=2)[0] == 200:
                 return
         except OSError:
             pass
@@ -155,19 +156,12 @@ class NodeExporter:
     def __init__(self, tmp_path):
         self.port = free_port()
         self.target = f"127.0.0.1:{self.port}"
-        self.log = open(tmp_path / "node_exporter.log", "wb")
+        log_path = tmp_path / "node_exporter.log"
+        self.log = open(log_path, "wb")
         self.process = subprocess.Popen(
             ["prometheus-node-exporter", f"--web.listen-address={self.target}", "--collector.disable-defaults",
              "--collector.cpu", "--collector.meminfo", "--collector.uname"], stdout=self.log, stderr=subprocess.STDOUT)
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                if http("GET", f"http://{self.target}/metrics", timeout=2)[0] == 200:
-                    return
-            except OSError:
-                pass
-            assert time.monotonic() < deadline and self.process.poll() is None, "node_exporter did not start"
-            time.sleep(0.2)
+        wait_for_ready(f"http://{self.target}", self.process, log_path, path="/metrics")  # it has no /-/ready
 
     def stop(self) -> None:
         self.process.terminate()
