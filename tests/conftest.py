@@ -161,7 +161,7 @@ class NodeExporter:
         self.process = subprocess.Popen(
             ["prometheus-node-exporter", f"--web.listen-address={self.target}", "--collector.disable-defaults",
              "--collector.cpu", "--collector.meminfo", "--collector.uname"], stdout=self.log, stderr=subprocess.STDOUT)
-        wait_for_ready(f"http://{self.target}", self.process, log_path, path="/metrics")  # it has no /-/ready
+        wait_for_ready(f"http://{self.target}", self.process, log_path, 30, "/metrics")  # it has no /-/ready
 
     def stop(self) -> None:
         self.process.terminate()
