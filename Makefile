@@ -47,8 +47,17 @@ test-tools: $(MODELSCOPE_STAMP)
 test: install test-tools
 	$(PY) -m pytest
 
-# wrk drives the HTTP loads; LitServe and prometheus_flask_exporter are the peers compared against.
-bench: install
+# BentoML, a peer of the overload bench, in its own venv: it pins its own OpenTelemetry and Starlette.
+BENTOML_VENV := .venv-bentoml
+BENTOML_STAMP := $(BENTOML_VENV)/.installed
+$(BENTOML_STAMP):
+	test -x $(BENTOML_VENV)/bin/python || $(PYTHON) -m venv $(BENTOML_VENV)
+	$(BENTOML_VENV)/bin/pip install -q torch==2.13.0
+	$(BENTOML_VENV)/bin/pip install -q bentoml==1.4.40 transformers==$$($(PY) -c 'import transformers; print(transformers.__version__)')
+	touch $(BENTOML_STAMP)
+
+# wrk drives the HTTP loads; LitServe, prometheus_flask_exporter and BentoML are the peers compared against.
+bench: install $(BENTOML_STAMP)
 	@command -v wrk >/dev/null || (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq wrk)
 	$(PY) -m pip install -q -e '.[bench]'
 	$(PY) bench/run.py
@@ -76,4 +85,4 @@ train-teacher: install
 		--epochs 4 --batch-size 64 --learning-rate 5e-5 --shenzhen 16000 --contrast 12000 --unlabelled 6000
 
 clean:
-	rm -rf $(VENV) $(MODELSCOPE_VENV) run *.egg-info
+	rm -rf $(VENV) $(MODELSCOPE_VENV) $(BENTOML_VENV) run *.egg-info

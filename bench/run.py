@@ -101,13 +101,14 @@ def serve(env: dict | None = None, ready_path: str = "/health/ready") -> tuple[P
     return process, f"http://127.0.0.1:{port}", f"http://127.0.0.1:{metrics_port}/metrics", multiproc_dir, ready
 
 
-def bodies_file(batch: int = 1, repeat_share: float = 0.0) -> str:
+def bodies_file(batch: int = 1, repeat_share: float = 0.0, listed: bool = False) -> str:
     """The request stream as JSON bodies, one per line: the 2,000 pairs in a seeded order, one or
-    ``batch`` per body; with ``repeat_share``, that share of single-pair bodies is one of 200 popular pairs."""
+    ``batch`` per body; with ``repeat_share``, that share of single-pair bodies is one of 200 popular pairs.
+    ``listed`` writes single pairs in the batch form too (``{"pairs": [pair]}``: what BentoML's batchable API takes)."""
     items = pairs()
     rng = random.Random(0)
     rng.shuffle(items)
-    if batch > 1:
+    if batch > 1 or listed:
         bodies = [{"pairs": [{"address1": a, "address2": b} for a, b in items[i:i + batch]]}
                   for i in range(0, len(items) - batch + 1, batch)]
     elif repeat_share:
@@ -122,9 +123,9 @@ def bodies_file(batch: int = 1, repeat_share: float = 0.0) -> str:
 
 
 def wrk(url: str, seconds: int, connections: int, batch: int = 1, threads: int = 2,
-        repeat_share: float = 0.0) -> subprocess.Popen:
+        repeat_share: float = 0.0, listed: bool = False) -> subprocess.Popen:
     script = os.path.join(HERE, "wrk.lua")
-    env = {**os.environ, "BENCH_BODIES": bodies_file(batch, repeat_share)}
+    env = {**os.environ, "BENCH_BODIES": bodies_file(batch, repeat_share, listed)}
     return subprocess.Popen(["wrk", f"-t{threads}", f"-c{connections}", f"-d{seconds}s", "--timeout", "10s",
                              "-s", script, url], stdout=subprocess.PIPE, text=True, env=env)
 
@@ -138,9 +139,9 @@ def wrk_result(process: subprocess.Popen, batch: int = 1) -> dict:
     return summary
 
 
-def load(url: str, seconds: int, connections: int, batch: int = 1) -> dict:
-    wrk(url, 2, connections, batch).communicate(timeout=60)  # warm-up
-    return wrk_result(wrk(url, seconds, connections, batch), batch)
+def load(url: str, seconds: int, connections: int, batch: int = 1, listed: bool = False) -> dict:
+    wrk(url, 2, connections, batch, listed=listed).communicate(timeout=60)  # warm-up
+    return wrk_result(wrk(url, seconds, connections, batch, listed=listed), batch)
 
 
 def ceiling(model_dir: str = "", int8: bool = False, count: int = 2000, batches=(8, 16, 32, 64)) -> dict:
@@ -383,6 +384,22 @@ def peer_litserve(seconds: int, connections: int, env: dict | None = None) -> di
         process.stop()
 
 
+BENTOML_VENV = os.path.join(ROOT, ".venv-bentoml")
+
+
+def peer_bentoml(seconds: int, connections: int, multiples=(2, 4), give_up: float = 2.0) -> dict:
+    """``bursts`` against BentoML (bench/peers/bentoml_app.py) on the same weights, its timeout the clients'."""
+    port = free_port()
+    process = Process([os.path.join(BENTOML_VENV, "bin", "bentoml"), "serve", "bench.peers.bentoml_app:MGeo",
+                       "--host", "127.0.0.1", "--port", str(port)],
+                      {"PYTHONPATH": ROOT, "BENCH_TIMEOUT_S": str(give_up), "BENTOML_DO_NOT_TRACK": "True"})
+    try:
+        wait_for(f"http://127.0.0.1:{port}/readyz", timeout=300)
+        return bursts(f"http://127.0.0.1:{port}/predict", seconds, connections, multiples, give_up, listed=True)
+    finally:
+        process.stop()
+
+
 def peer_flask(seconds: int, connections: int, env: dict | None = None) -> dict:
     port = free_port()
     process = Process([sys.executable, "-m", "gunicorn", "-w", "2", "-b", f"127.0.0.1:{port}",
@@ -439,27 +456,37 @@ def base_size(seconds: int, connections: int, ceiling_pairs: int) -> dict:
     return result
 
 
-def overload(seconds: int, connections: int, multiples=(2, 4), give_up: float = 2.0) -> dict:
+def bursts(url: str, seconds: int, connections: int, multiples, give_up: float, listed: bool = False,
+           forwards=None) -> dict:
     """Closed-loop capacity (wrk, single pairs), then open-loop arrivals at ``multiples`` of it for
-    ``seconds`` each, every client giving up after ``give_up`` s (the default deadline); after each
-    burst, the time one request takes and the forwards that ran for it (a backlog would show)."""
+    ``seconds`` each, every client giving up after ``give_up`` s; after each burst, the time one
+    request takes (and, given ``forwards``, a count of forwards: the ones that ran for it)."""
+    capacity = load(url, seconds, connections, listed=listed)
+    with open(bodies_file(listed=listed), "rb") as f:
+        bodies = f.read().splitlines()
+    results = {"closed_loop": capacity}
+    for multiple in multiples:
+        rate = capacity["pairs_per_second"] * multiple
+        answers = open_loop(url, bodies, rate, int(rate * seconds), give_up)
+        result = summary(answers, give_up)
+        result["in_time_vs_capacity"] = round(result["pairs_in_time_per_second"] / capacity["pairs_per_second"], 3)
+        before = forwards() if forwards else 0
+        started = time.perf_counter()
+        after, = open_loop(url, bodies[:1], 1, 1, 60)
+        result["after_burst"] = {"status": after.status, "seconds": round(time.perf_counter() - started, 3)}
+        if forwards:
+            result["after_burst"]["forwards"] = forwards() - before
+        results[f"open_loop_{multiple}x"] = result
+    return results
+
+
+def overload(seconds: int, connections: int, multiples=(2, 4), give_up: float = 2.0) -> dict:
+    """``bursts`` against the service (its default deadline is the clients' ``give_up``), with the
+    requests it refused by reason."""
     process, url, metrics_url, _, _ = serve()
     try:
-        capacity = load(url + "/predict", seconds, connections)
-        with open(bodies_file(), "rb") as f:
-            bodies = f.read().splitlines()
-        results = {"closed_loop": capacity}
-        for multiple in multiples:
-            rate = capacity["pairs_per_second"] * multiple
-            answers = open_loop(url + "/predict", bodies, rate, int(rate * seconds), give_up)
-            result = summary(answers, give_up)
-            result["in_time_vs_capacity"] = round(result["pairs_in_time_per_second"] / capacity["pairs_per_second"], 3)
-            forwards = scrape(metrics_url)["mgeo_inference_batch_size_count"]
-            started = time.perf_counter()
-            after, = open_loop(url + "/predict", bodies[:1], 1, 1, 60)
-            result["after_burst"] = {"status": after.status, "seconds": round(time.perf_counter() - started, 3),
-                                     "forwards": scrape(metrics_url)["mgeo_inference_batch_size_count"] - forwards}
-            results[f"open_loop_{multiple}x"] = result
+        results = bursts(url + "/predict", seconds, connections, multiples, give_up,
+                         forwards=lambda: scrape(metrics_url)["mgeo_inference_batch_size_count"])
         samples = scrape(metrics_url)
         results["rejected"] = {series: value for series, value in samples.items()
                                if series.startswith("mgeo_rejected_requests_total")}
@@ -581,6 +608,7 @@ def main() -> int:
                                        "median_seconds": round(statistics.median(ready_times), 2)})
     step("peer_litserve", lambda: peer_litserve(args.seconds, args.connections))
     step("peer_flask_exporter", lambda: peer_flask(args.seconds, args.connections))
+    step("peer_bentoml", lambda: peer_bentoml(args.seconds, args.connections))
     step("base_size", lambda: base_size(args.seconds, args.connections, args.base_pairs))
 
     if args.only:
@@ -607,6 +635,11 @@ def main() -> int:
         "open_loop_4x_429_p99_ms (<= 20)": results["overload"]["open_loop_4x"]["p99_429_ms"],
         "after_burst_seconds (<= 1)": max(results["overload"][f"open_loop_{m}x"]["after_burst"]["seconds"]
                                           for m in (2, 4)),
+        "vs_bentoml_closed_loop (> 1)": round(results["overload"]["closed_loop"]["pairs_per_second"]
+                                              / results["peer_bentoml"]["closed_loop"]["pairs_per_second"], 2),
+        **{f"vs_bentoml_open_loop_{m}x_in_time (> 1)": round(
+            results["overload"][f"open_loop_{m}x"]["pairs_in_time_per_second"]
+            / max(0.1, results["peer_bentoml"][f"open_loop_{m}x"]["pairs_in_time_per_second"]), 2) for m in (2, 4)},
         "base_single_vs_ceiling_float32 (>= 0.90)": results["base_size"]["float32"]["single_vs_ceiling"],
         "base_single_vs_ceiling_int8 (>= 0.90)": results["base_size"]["int8"].get("single_vs_ceiling"),
         "base_int8_vs_float32_service (>= 1.8)": results["base_size"].get("int8_vs_float32_service"),

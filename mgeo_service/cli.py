@@ -98,7 +98,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--device", default="cpu", help="where to train: cpu or cuda")
     train.add_argument("--layers", type=int, default=4)
     train.add_argument("--epochs", type=int, default=4)
-    train.add_argument("--steps", type=int, default=3000, help="pretrain: this many batches of masked text")
+    train.add_argument("--steps", type=int, default=2000, help="pretrain: this many batches of masked text")
     train.add_argument("--init", default=None,
                        help="student: start from this --stage pretrain output instead of e5's layers")
     train.add_argument("--batch-size", type=int, default=32)
