@@ -63,7 +63,7 @@ bench: install $(BENTOML_STAMP)
 	$(PY) bench/run.py
 
 # The pretraining stage: the student's encoder taught address text by masked-language modelling
-# (2 idle CPU cores: about 25 minutes). Not committed: a fixed seed and step count reproduce it.
+# (2 CPU cores: about 27 minutes). Not committed: a fixed seed and step count reproduce it.
 PRETRAINED := run/pretrained
 $(PRETRAINED)/encoder.safetensors: $(STAMP)
 	$(PY) -m pip install -q -e '.[train]'
@@ -73,7 +73,7 @@ $(PRETRAINED)/encoder.safetensors: $(STAMP)
 pretrain: $(PRETRAINED)/encoder.safetensors
 
 # The student stage: the shipped weights, from the pretrained encoder and the committed teacher soft labels
-# (2 idle CPU cores: about 65 minutes).
+# (2 CPU cores: about 73 minutes).
 train: pretrain
 	$(VENV)/bin/mgeo-service train --data ../shared/data --out mgeo_service/models/default --splits run/splits \
 		--init $(PRETRAINED)
