@@ -31,6 +31,7 @@ from tqdm import tqdm
 
 from ..dataset import read_pairs
 from .data import SHENZHEN_FILE, TrainingData, company_addresses, split_bucket
+from .fit import batches
 
 log = logging.getLogger(__name__)
 
@@ -93,15 +94,7 @@ class MaskedBatches:
         self.mask_id, self.vocab_size = tokenizer.mask_token_id, len(tokenizer)
 
     def epoch(self):
-        order = list(range(len(self.encoded)))
-        self.rng.shuffle(order)
-        pool = self.batch_size * 50
-        chunks = []
-        for start in range(0, len(order), pool):
-            chunk = sorted(order[start:start + pool], key=lambda i: len(self.encoded[i][0]))
-            chunks += [chunk[i:i + self.batch_size] for i in range(0, len(chunk), self.batch_size)]
-        self.rng.shuffle(chunks)
-        for index in chunks:
+        for index in batches(self.encoded, self.batch_size, self.rng):
             yield self.collate(index)
 
     def collate(self, index):
@@ -116,6 +109,13 @@ class MaskedBatches:
             ids[row, :n], types[row, :n], mask[row, :n] = torch.tensor(inputs), torch.tensor(type_ids), 1
             targets[row, :n] = torch.tensor(labels)
         return ids, types, mask, targets
+
+
+def tokenize(tokenizer, firsts: list[str], seconds: list[str] | None, max_length: int) -> list[tuple[list, list]]:
+    """(input ids, segment ids) per pair, or per text when ``seconds`` is None; both stages' inputs."""
+    enc = tokenizer(firsts, seconds, truncation="longest_first", max_length=max_length,
+                    return_token_type_ids=True, return_attention_mask=False)
+    return list(zip(enc["input_ids"], enc["token_type_ids"]))
 
 
 def masked_lm(student):
@@ -153,28 +153,18 @@ def pretrain(data: TrainingData, data_dir: str, out_dir: str, tokenizer, student
     """Pretrain ``student``'s encoder for ``steps`` batches and save it to ``out_dir``."""
     started = time.time()
     texts = pretraining_texts(data, data_dir)
-    firsts, seconds = [a for a, _ in texts], [b for _, b in texts]
-    pair_rows = [i for i, b in enumerate(seconds) if b is not None]
-    encoded = [None] * len(texts)
-    enc = tokenizer([firsts[i] for i in pair_rows], [seconds[i] for i in pair_rows], truncation="longest_first",
-                    max_length=max_length, return_token_type_ids=True, return_attention_mask=False)
-    for row, ids, types in zip(pair_rows, enc["input_ids"], enc["token_type_ids"]):
-        encoded[row] = (ids, types)
-    single_rows = [i for i, b in enumerate(seconds) if b is None]
-    enc = tokenizer([firsts[i] for i in single_rows], truncation=True, max_length=max_length,
-                    return_token_type_ids=True, return_attention_mask=False)
-    for row, ids, types in zip(single_rows, enc["input_ids"], enc["token_type_ids"]):
-        encoded[row] = (ids, types)
+    pairs = [(a, b) for a, b in texts if b is not None]  # first in ``texts``, so the order is kept
+    encoded = (tokenize(tokenizer, [a for a, _ in pairs], [b for _, b in pairs], max_length)
+               + tokenize(tokenizer, [a for a, b in texts if b is None], None, max_length))
     validation = data.splits["validation"]
-    enc = tokenizer([p.address1 for p in validation], [p.address2 for p in validation], truncation="longest_first",
-                    max_length=max_length, return_token_type_ids=True, return_attention_mask=False)
     # One fixed masking of the CCKS validation pairs: how well the encoder reads text it never saw.
-    held = list(MaskedBatches(list(zip(enc["input_ids"], enc["token_type_ids"])), tokenizer, 128, seed + 1).epoch())
+    held = list(MaskedBatches(tokenize(tokenizer, [p.address1 for p in validation], [p.address2 for p in validation],
+                                     max_length), tokenizer, 128, seed + 1).epoch())
 
     model = masked_lm(student)
     before = masked_accuracy(model, held)
     log.info("pretraining on %d texts (%d pairs), %d steps of %d; validation before: %s",
-             len(texts), len(pair_rows), steps, batch_size, before)
+             len(texts), len(pairs), steps, batch_size, before)
     optimiser = torch.optim.AdamW(model.parameters(), lr=learning_rate, weight_decay=0.01)
     warmup = max(1, steps // 20)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
@@ -207,7 +197,7 @@ def pretrain(data: TrainingData, data_dir: str, out_dir: str, tokenizer, student
              if not k.endswith(("position_ids", "token_type_ids"))}
     save_file(state, os.path.join(out_dir, ENCODER_FILE), metadata={"format": "pt"})
     summary = {"seed": seed, "steps": steps, "batch_size": batch_size, "learning_rate": learning_rate,
-               "max_length": max_length, "texts": len(texts), "pairs": len(pair_rows),
+               "max_length": max_length, "texts": len(texts), "pairs": len(pairs),
                "epochs": round(steps * batch_size / len(texts), 2), "validation_before": before,
                "validation_after": after, "pretrain_seconds": round(time.time() - started, 1)}
     with open(os.path.join(out_dir, "pretrain.json"), "w", encoding="utf-8") as f:

@@ -39,7 +39,7 @@ from ..checkpoint import tokenizer_from_vocab
 from .data import TrainingData, training_data, write_pairs
 from .e5 import bert_from_e5, read_e5
 from .fit import calibrate_bias, encode, fit, logits_of, macro_f1
-from .pretrain import load_encoder, pretrain
+from .pretrain import load_encoder, pretrain, tokenize
 from .teacher import DISTILLATION_DIR, SoftLabels, train_teacher
 
 log = logging.getLogger(__name__)
@@ -137,9 +137,7 @@ def train_student(data: TrainingData, out_dir: str, *, layers: int, epochs: int,
         load_encoder(model, init, vocab)
 
     def encode_pairs(firsts, seconds):
-        enc = tokenizer(firsts, seconds, truncation="longest_first", max_length=max_length,
-                        return_token_type_ids=True, return_attention_mask=False)
-        return list(zip(enc["input_ids"], enc["token_type_ids"]))
+        return tokenize(tokenizer, firsts, seconds, max_length)
 
     soft = SoftLabels.load(soft_labels) if alpha else None
     pairs = data.train if alpha else [p for p in data.train if p.label >= 0]
