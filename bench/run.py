@@ -395,7 +395,8 @@ def peer_bentoml(seconds: int, connections: int, multiples=(2, 4), give_up: floa
                       {"PYTHONPATH": ROOT, "BENCH_TIMEOUT_S": str(give_up), "BENTOML_DO_NOT_TRACK": "True"})
     try:
         wait_for(f"http://127.0.0.1:{port}/readyz", timeout=300)
-        return bursts(f"http://127.0.0.1:{port}/predict", seconds, connections, multiples, give_up, listed=True)
+        return bursts(f"http://127.0.0.1:{port}/predict", seconds, connections, multiples, give_up, listed=True,
+                      probes={"live": f"http://127.0.0.1:{port}/livez", "ready": f"http://127.0.0.1:{port}/readyz"})
     finally:
         process.stop()
 
@@ -457,19 +458,25 @@ def base_size(seconds: int, connections: int, ceiling_pairs: int) -> dict:
 
 
 def bursts(url: str, seconds: int, connections: int, multiples, give_up: float, listed: bool = False,
-           forwards=None) -> dict:
+           forwards=None, probes: dict | None = None) -> dict:
     """Closed-loop capacity (wrk, single pairs), then open-loop arrivals at ``multiples`` of it for
-    ``seconds`` each, every client giving up after ``give_up`` s; after each burst, the time one
-    request takes (and, given ``forwards``, a count of forwards: the ones that ran for it)."""
+    ``seconds`` each, every client giving up after ``give_up`` s, the ``probes`` (name: URL) probed
+    during each burst; after each burst, the time one request takes (and, given ``forwards``, a
+    count of forwards: the ones that ran for it)."""
     capacity = load(url, seconds, connections, listed=listed)
     with open(bodies_file(listed=listed), "rb") as f:
         bodies = f.read().splitlines()
     results = {"closed_loop": capacity}
     for multiple in multiples:
         rate = capacity["pairs_per_second"] * multiple
+        probing = {name: Probe(probe_url, seconds) for name, probe_url in (probes or {}).items()}
+        for probe in probing.values():
+            probe.start()
         answers = open_loop(url, bodies, rate, int(rate * seconds), give_up)
         result = summary(answers, give_up)
         result["in_time_vs_capacity"] = round(result["pairs_in_time_per_second"] / capacity["pairs_per_second"], 3)
+        if probing:
+            result["probes"] = {name: probe.result() for name, probe in probing.items()}
         before = forwards() if forwards else 0
         started = time.perf_counter()
         after, = open_loop(url, bodies[:1], 1, 1, 60)
@@ -486,7 +493,8 @@ def overload(seconds: int, connections: int, multiples=(2, 4), give_up: float = 
     process, url, metrics_url, _, _ = serve()
     try:
         results = bursts(url + "/predict", seconds, connections, multiples, give_up,
-                         forwards=lambda: scrape(metrics_url)["mgeo_inference_batch_size_count"])
+                         forwards=lambda: scrape(metrics_url)["mgeo_inference_batch_size_count"],
+                         probes={"live": url + "/health/live", "ready": url + "/health/ready"})
         samples = scrape(metrics_url)
         results["rejected"] = {series: value for series, value in samples.items()
                                if series.startswith("mgeo_rejected_requests_total")}
@@ -632,7 +640,9 @@ def main() -> int:
         "sighup_failed_requests (0)": results["sighup"]["non_200"] + results["sighup"]["failed"],
         "open_loop_2x_in_time_vs_capacity (>= 0.9)": results["overload"]["open_loop_2x"]["in_time_vs_capacity"],
         "open_loop_4x_in_time_vs_capacity (>= 0.8)": results["overload"]["open_loop_4x"]["in_time_vs_capacity"],
-        "open_loop_4x_429_p99_ms (<= 20)": results["overload"]["open_loop_4x"]["p99_429_ms"],
+        **{f"open_loop_{m}x_429_p99_ms (<= 20)": results["overload"][f"open_loop_{m}x"]["p99_429_ms"] for m in (2, 4)},
+        **{f"open_loop_{m}x_{name}_p99_ms (<= {limit})": results["overload"][f"open_loop_{m}x"]["probes"][name]["p99_ms"]
+           for m in (2, 4) for name, limit in (("live", 50), ("ready", 100))},
         "after_burst_seconds (<= 1)": max(results["overload"][f"open_loop_{m}x"]["after_burst"]["seconds"]
                                           for m in (2, 4)),
         "vs_bentoml_closed_loop (> 1)": round(results["overload"]["closed_loop"]["pairs_per_second"]

@@ -15,7 +15,8 @@ Work nobody will wait for is never computed:
 - **admission**: a request is refused (``overloaded``) before it is even tokenised when the
   pairs already waiting, at the forward rate this worker measures, would keep it from being
   answered by its deadline. The bound is in seconds of this worker's own work, so it fits
-  any model and device without a setting;
+  any model and device without a setting. ``full`` says whether any new request would be
+  refused now: the worker then refuses before a thread takes the request (``worker.py``);
 - **deadlines**: a request whose deadline passes before its forward starts gets
   ``deadline_exceeded`` at its deadline, and its pairs are skipped;
 - **a client gone**: a request whose client has closed the connection before its forward
@@ -162,18 +163,35 @@ class MicroBatcher:
             raise job.error
         return job.probabilities
 
+    def full(self, seconds: float) -> Rejected | None:
+        """The refusal any new request would get now (the least work, one pair, with the longest
+        deadline, ``seconds`` from now), None when one would be admitted. Not counted: the caller
+        counts it (``count_rejected``) once it does refuse."""
+        with self._lock:
+            return self._refusal(1, time.perf_counter() + seconds)
+
+    def count_rejected(self, reason: str) -> None:
+        if self._instrument:
+            metrics.REJECTED_REQUESTS.labels(reason).inc()
+
+    def _refusal(self, pairs: int, deadline: float) -> Rejected | None:
+        """Holding the lock: the refusal a request of ``pairs`` pairs due by ``deadline`` gets now, or None."""
+        busy = self._queued_pairs + self._running_pairs
+        measured = self.rate.pairs_per_second is not None
+        # An idle worker always tries: there is nothing to wait for, and the rate stays measured.
+        late = busy and measured and (
+            time.perf_counter() + self.rate.seconds_until_done(self._queued_pairs, pairs, self._threads) > deadline)
+        if not late and self._requests < self._max_requests:
+            return None
+        drain = busy / (self.rate.pairs_per_second * self._threads) if measured else 1
+        return Rejected("overloaded", max(1, math.ceil(drain)))
+
     def _admit(self, pairs: int, deadline: float) -> None:
         with self._lock:
-            busy = self._queued_pairs + self._running_pairs
-            measured = self.rate.pairs_per_second is not None
-            # An idle worker always tries: there is nothing to wait for, and the rate stays measured.
-            late = busy and measured and (
-                time.perf_counter() + self.rate.seconds_until_done(self._queued_pairs, pairs, self._threads)
-                > deadline)
-            if late or self._requests >= self._max_requests:
-                self._count_rejected("overloaded")
-                drain = busy / (self.rate.pairs_per_second * self._threads) if measured else 1
-                raise Rejected("overloaded", max(1, math.ceil(drain)))
+            refused = self._refusal(pairs, deadline)
+            if refused:
+                self.count_rejected("overloaded")
+                raise refused
             self._queued_pairs += pairs
             self._requests += 1
             self._publish_queue()
@@ -183,17 +201,13 @@ class MicroBatcher:
         job.state = DROPPED
         self._queued_pairs -= len(job.encoded)
         self._publish_queue()
-        self._count_rejected(reason)
+        self.count_rejected(reason)
         job.error = Rejected(reason)
         job.done.set()
 
     def _publish_queue(self) -> None:
         if self._instrument:
             metrics.QUEUE_PAIRS.set(self._queued_pairs)
-
-    def _count_rejected(self, reason: str) -> None:
-        if self._instrument:
-            metrics.REJECTED_REQUESTS.labels(reason).inc()
 
     def _start(self, jobs: list[_Job]) -> list[_Job]:
         """The jobs whose forward starts now; the others are dropped (deadline passed, client gone)."""

@@ -49,6 +49,11 @@ class ResultCache:
             metrics.CACHE_REQUESTS.labels("miss").inc(len(keys) - hits)
         return found
 
+    def holds_all(self, keys: Sequence[Hashable]) -> bool:
+        """Whether every key has its probabilities here; a look only (no hit counted, no order changed)."""
+        with self._lock:
+            return all(key in self._rows for key in keys)
+
     def store(self, keys: Sequence[Hashable], rows: torch.Tensor) -> None:
         if not self._size:
             return

@@ -20,10 +20,13 @@ class ApiError(Exception):
         self.status, self.code, self.message, self.headers = status, code, message, headers or {}
 
 
+def error_body(code: str, message: str) -> str:
+    return json.dumps({"error": {"code": code, "message": message}})
+
+
 def error_response(status: int, code: str, message: str, headers: dict | None = None) -> Response:
     g.error_code = code  # for the request's trace span
-    body = json.dumps({"error": {"code": code, "message": message}})
-    return Response(body, status=status, mimetype="application/json", headers=headers)
+    return Response(error_body(code, message), status=status, mimetype="application/json", headers=headers)
 
 
 def json_response(payload: dict, status: int = 200) -> Response:

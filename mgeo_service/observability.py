@@ -34,14 +34,31 @@ def route_template(app: Flask) -> str:
     return "unmatched"
 
 
+def request_id_from(incoming: str) -> str:
+    """The request's id: the caller's X-Request-ID where it is a plain token, else a new one."""
+    return incoming if _REQUEST_ID.fullmatch(incoming) else uuid.uuid4().hex
+
+
+def record_request(instrument: bool, method: str, route: str, status: int, seconds: float, request_id: str,
+                   trace_id: str | None = None) -> None:
+    """A finished request: its metrics (``instrument``) and its access log line."""
+    if instrument:
+        metrics.REQUESTS.labels(method, route, str(status)).inc()
+        metrics.REQUEST_DURATION.labels(method, route).observe(seconds)
+    line = {"ts": round(time.time(), 3), "pid": os.getpid(), "method": method, "route": route, "status": status,
+            "duration_ms": round(seconds * 1000, 2), "request_id": request_id}
+    if trace_id:
+        line["trace_id"] = trace_id
+    access_log.info(json.dumps(line))
+
+
 def register_request_hooks(app: Flask, instrument: bool, tracer: Tracer | None) -> None:
     """``instrument``: the request metrics; ``tracer``: trace ``tracing.TRACED_ROUTES`` (None: no traces)."""
 
     @app.before_request
     def start_request():
         g.started = time.perf_counter()
-        incoming = request.headers.get("X-Request-ID", "")
-        g.request_id = incoming if _REQUEST_ID.fullmatch(incoming) else uuid.uuid4().hex
+        g.request_id = request_id_from(request.headers.get("X-Request-ID", ""))
         g.endpoint = route_template(app)
         if instrument:
             metrics.REQUESTS_IN_PROGRESS.labels(request.method, g.endpoint).inc()
@@ -53,20 +70,13 @@ def register_request_hooks(app: Flask, instrument: bool, tracer: Tracer | None) 
     @app.after_request
     def finish_request(response: Response) -> Response:
         duration = time.perf_counter() - g.get("started", time.perf_counter())
-        endpoint = g.get("endpoint", "unmatched")
         response.headers["X-Request-ID"] = g.get("request_id") or uuid.uuid4().hex
-        if instrument:
-            metrics.REQUESTS.labels(request.method, endpoint, str(response.status_code)).inc()
-            metrics.REQUEST_DURATION.labels(request.method, endpoint).observe(duration)
-        line = {"ts": round(time.time(), 3), "pid": os.getpid(), "method": request.method, "route": endpoint,
-                "status": response.status_code, "duration_ms": round(duration * 1000, 2),
-                "request_id": response.headers["X-Request-ID"]}
-        span = g.get("span")
+        span, trace_id = g.get("span"), None
         if span is not None:
             g.status = response.status_code  # the span ends at teardown, the request's very end
-            if trace_id := tracing.trace_id(span):
-                line["trace_id"] = trace_id
-        access_log.info(json.dumps(line))
+            trace_id = tracing.trace_id(span)
+        record_request(instrument, request.method, g.get("endpoint", "unmatched"), response.status_code, duration,
+                       response.headers["X-Request-ID"], trace_id)
         return response
 
     @app.teardown_request

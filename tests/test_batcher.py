@@ -172,6 +172,27 @@ def test_admission_refuses_what_the_measured_rate_cannot_finish_by_the_deadline(
     assert batcher._queued_pairs == 0 and batcher._running_pairs == 0
 
 
+def test_full_is_the_refusal_any_new_request_would_get_now():
+    forward = GatedForward()
+    batcher = MicroBatcher(forward, max_pairs=32, wait_seconds=0, instrument=False, threads=1, max_requests=3)
+    batcher.rate.observe(200, 1.0)  # 200 pairs/s, one forward 1 s
+    assert batcher.full(0.001) is None  # idle: it always tries
+    busy = occupy(batcher, forward)
+    queued = threading.Thread(target=submit, args=(batcher, [pair()] * 200))
+    queued.start()
+    wait_until(lambda: batcher._queued_pairs == 200)
+    assert batcher.full(1.5).reason == "overloaded"  # one more pair: 201/200 + 1 s > 1.5 s
+    assert batcher.full(60) is None  # a request with a later deadline would be admitted
+    third = threading.Thread(target=submit, args=(batcher, [pair()], 60.0))
+    third.start()
+    wait_until(lambda: batcher._requests == 3)
+    assert batcher.full(60).retry_after == 2  # three requests held, the most it takes: full whatever the deadline
+    forward.release.set()
+    for thread in (busy, queued, third):
+        thread.join(30)
+    assert batcher.full(0.001) is None and batcher._requests == 0
+
+
 def test_an_idle_worker_admits_whatever_the_rate_says():
     batcher = MicroBatcher(lambda encoded: torch.zeros((len(encoded), 3)), max_pairs=32, wait_seconds=0,
                            instrument=False)

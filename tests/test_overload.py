@@ -47,6 +47,28 @@ def test_an_open_loop_burst_far_beyond_capacity_is_shed_not_queued(service_facto
     assert service.metric("mgeo_inference_batch_size_count") - forwards <= 2 + 1
 
 
+def test_while_shedding_pairs_in_the_cache_are_answered_and_each_refusal_is_counted_once(service_factory):
+    service = service_factory(MGEO_WORKERS="1", MGEO_BATCH_THREADS="2").wait_ready()  # the result cache on
+    url = service.url + "/predict"
+    cached = {"address1": "上海市徐汇区漕溪北路18号", "address2": "上海徐汇漕溪北路18号"}
+    assert http("POST", url, cached)[0] == 200  # scored once: in the cache from now on
+    # 200 requests/s for 3 s, over twice capacity: 4 pairs never sent before, and every fifth the cached pair.
+    fresh = iter({"address1": f"浙江省杭州市西湖区文三路{n}号", "address2": f"杭州西湖文三路{n}号"} for n in range(1, 10**6))
+    bodies = [json.dumps(cached if i % 5 == 4 else {"pairs": [next(fresh) for _ in range(4)]},
+                         ensure_ascii=False).encode() for i in range(600)]
+    answers = open_loop(url, bodies, rate=200, count=len(bodies), give_up=2.0 + 3)
+    statuses = [a.status for a in answers]
+    assert set(statuses) <= {200, 429, 504}, statuses
+    assert statuses.count(429)  # it was shedding
+    assert [a.status for a in answers[4::5]] == [200] * 120  # yet every request for the cached pair was answered
+    samples = service.scrape()
+    assert samples[("mgeo_rejected_requests_total", (("reason", "overloaded"),))] == statuses.count(429)
+    for status in (200, 429, 504):  # refused in the main thread or by a thread: counted once either way
+        key = ("mgeo_request_total", (("endpoint", "/predict"), ("method", "POST"), ("status", str(status))))
+        assert samples.get(key, 0) == statuses.count(status) + (status == 200)
+    assert samples[("mgeo_worker_starts_total", ())] == 1
+
+
 def raw_exchange(port: int, raw: bytes) -> bytes:
     with socket.create_connection(("127.0.0.1", port), timeout=30) as connection:
         connection.sendall(raw)

@@ -17,8 +17,10 @@ TOLERANCE = 1e-5  # a pair's probabilities in any batch against the same pair sc
 # fused query/key/value multiply, attention without padding) moves a probability by up to ~2e-5.
 TRANSFORMERS_TOLERANCE = 1e-4
 # int8 activations are scaled per token, so a batch changes a pair's result only where another
-# batch's float sums (attention, LayerNorm) move a value across a rounding edge: 6e-4 measured.
-INT8_BATCH_TOLERANCE = 5e-3
+# batch's float sums (attention, LayerNorm) move a value across a rounding edge, and one edge
+# crossed moves a probability by up to about 1e-2. Measured: 6e-4 on an AVX2 CPU; on an AVX-512
+# one 1e-7 for batches of 3 to 32 pairs and 8.1e-3 for the one batch of all 249 pairs.
+INT8_BATCH_TOLERANCE = 2e-2
 # int8 against float32 on these pairs: the median pair's largest probability change, and the
 # share of labels kept (MODEL_CARD.md has the figures on the held-out split).
 INT8_MEDIAN, INT8_AGREEMENT = 0.01, 0.95
