@@ -53,6 +53,13 @@ def when_ready(server):
         server.mgeo_sidecar = SidecarSupervisor().start()
 
 
+def post_fork(server, worker):
+    # While a worker sheds, its main thread refuses (mgeo_service/worker.py), and each of its turns at
+    # the GIL waits out the switch interval behind request threads' Python: 1 ms, not 5, keeps refusals
+    # prompt under a flood (BENCHMARKS.md, "Overload").
+    sys.setswitchinterval(0.001)
+
+
 def child_exit(server, worker):
     # A dead worker's live gauges (in progress, model ready) must stop counting, and its
     # counters fold into one aggregate so that worker churn cannot grow the directory.
@@ -62,10 +69,3 @@ def child_exit(server, worker):
 def on_exit(server):
     if hasattr(server, "mgeo_sidecar"):
         server.mgeo_sidecar.stop()
-
-
-def post_fork(server, worker):
-    # While a worker sheds, its main thread refuses (mgeo_service/worker.py), and each of its turns at
-    # the GIL waits out the switch interval behind request threads' Python: 1 ms, not 5, keeps refusals
-    # prompt under a flood (open loop at 4x on 2 cores: no client left waiting, against up to 748).
-    sys.setswitchinterval(0.001)
