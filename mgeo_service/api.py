@@ -62,6 +62,11 @@ def read_json_body(max_bytes: int):
         raise ApiError(400, "malformed_body", "the body ended before its Content-Length")
     if len(body) > max_bytes:
         raise ApiError(413, "payload_too_large", f"body is larger than {max_bytes} bytes")
+    return decode_json(body)
+
+
+def decode_json(body: bytes):
+    """The JSON document a body holds; 400 when it is not valid UTF-8 JSON."""
     try:
         return json.loads(body.decode("utf-8"), parse_constant=_reject_constant)
     except UnicodeDecodeError:

@@ -6,15 +6,14 @@ The app knows nothing of checkpoints: the model comes from a ``ModelLoader``.
 from __future__ import annotations
 
 import gc
-import json
 import threading
 import time
 
 from flask import Flask
 
 from . import logs, metrics, tracing
-from .api import api, parse_predict_body, rejection
-from .batcher import REJECTION_REASONS, MicroBatcher
+from .api import api, decode_json, parse_predict_body, rejection
+from .batcher import REJECTION_REASONS, MicroBatcher, Rejected
 from .cache import ResultCache, pair_key
 from .config import Settings, load_settings
 from .errors import ApiError, register_error_handlers
@@ -50,30 +49,27 @@ class WorkerState:
                                              self.tracer, settings.batch_max_tokens)
             return self._batcher
 
-    @property
-    def shedding(self) -> bool:
-        """Whether this worker would refuse any request it cannot answer from its cache now."""
+    def overload(self) -> Rejected | None:
+        """The refusal any request this worker cannot answer from its cache gets now; None when one would
+        be admitted (or no request has reached the batcher yet)."""
         batcher = self._batcher
-        return batcher is not None and batcher.full(self.settings.request_timeout_ms / 1000) is not None
+        return batcher and batcher.full(self.settings.request_timeout_ms / 1000)
 
-    def refuse_early(self, body: bytes) -> ApiError | None:
-        """The answer to a whole /predict body no thread has taken yet (``worker.py``): 429 when this worker is
-        shedding and the body's pairs are not all in the cache, counted; None: it is served as usual."""
-        batcher = self._batcher
-        refused = batcher and batcher.full(self.settings.request_timeout_ms / 1000)
-        if not refused or (len(self.cache) and self._all_cached(body)):
+    def refuse_early(self, overload: Rejected, body: bytes) -> ApiError | None:
+        """The answer, given ``overload()``, to a whole /predict body no thread has taken yet (``worker.py``):
+        429, counted, unless the body's pairs are all in the cache; None: it is served as usual."""
+        if len(self.cache) and self._all_cached(body):
             return None
-        batcher.count_rejected(refused.reason)
-        return rejection(refused)
+        self._batcher.count_rejected(overload.reason)
+        return rejection(overload)
 
     def _all_cached(self, body: bytes) -> bool:
         try:  # a body that is not valid is left to the usual path, which says what is wrong
-            pairs, _ = parse_predict_body(json.loads(body), self.settings.max_pairs, self.settings.max_address_chars)
-        except (ApiError, ValueError, RecursionError):
+            pairs, _ = parse_predict_body(decode_json(body), self.settings.max_pairs, self.settings.max_address_chars)
+        except ApiError:
             return False
         model_id = self.loader.matcher.model_id
         return self.cache.holds_all([pair_key(model_id, a, b) for a, b in pairs])
-
 
 def default_loader(settings: Settings) -> ModelLoader:
     def load():

@@ -3,16 +3,17 @@
 Under overload a refusal must cost far less than an answer, or refusing alone fills the
 machine: through a thread, Gunicorn's parser and Flask, a 429 costs about 1 ms of a core under
 the one GIL the forwards' Python shares, and it waits for a free thread behind the requests
-that wait for forwards. So while a worker is shedding (``WorkerState.shedding``: it would
-refuse any request it cannot answer from its cache), its main thread answers a new
+that wait for forwards. So while a worker is full (``WorkerState.overload``: it would refuse
+any request it cannot answer from its cache), its main thread answers a new
 connection's ``POST /predict`` itself, as soon as it is accepted: the request read as bytes,
 ``WorkerState.refuse_early`` asked (the cache still answers its pairs), the 429 written and
-the connection closed. Nothing is parsed beyond the request line and headers, nothing waits
-for a thread, and no trace span is made; the request is counted and logged as any other.
+the connection closed. Nothing is parsed beyond the request line and headers (and the body's
+JSON, where the cache holds anything), nothing waits for a thread, and no trace span is made;
+the request is counted and logged as any other.
 
 Only the plain case takes this path: a new connection whose whole request has arrived, with a
 Content-Length body. Anything else (a kept-alive connection, a chunked body, a body still
-arriving, another route, a worker not shedding) goes to a thread as usual, where the same
+arriving, another route, a worker not full) goes to a thread as usual, where the same
 admission decides.
 """
 from __future__ import annotations
@@ -78,7 +79,8 @@ class SheddingWorker(ThreadWorker):
     def _refused_early(self, conn) -> bool:
         """Whether this new connection's request was answered here, in the main thread."""
         state = getattr(self.wsgi, "extensions", {}).get("mgeo")
-        if state is None or not state.shedding:
+        overload = state and state.overload()
+        if not overload:
             return False
         started = time.perf_counter()
         limit = HEAD_BYTES + state.settings.max_body_bytes
@@ -92,7 +94,7 @@ class SheddingWorker(ThreadWorker):
         # Gunicorn loads this class in the master, where no metric may be made: they are the workers'.
         from .observability import record_request, request_id_from
         headers, body = request
-        refusal = state.refuse_early(body)
+        refusal = state.refuse_early(overload, body)
         if refusal is None:
             return False
         request_id = request_id_from(headers.get(b"x-request-id", b"").decode("latin-1"))
