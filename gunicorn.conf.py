@@ -15,7 +15,8 @@ from mgeo_service.server import SidecarSupervisor
 # its metrics, the model and CUDA are all created in each worker after the fork.
 import torch  # noqa: F401
 import transformers.models.bert.modeling_bert  # noqa: F401
-import mgeo_service.packed  # noqa: F401  (compiles its TorchScript once, here)
+import onnxruntime  # noqa: F401
+import mgeo_service.engines.packed  # noqa: F401  (compiles its TorchScript once, here)
 
 _settings = load_settings_or_exit("mgeo-service")
 

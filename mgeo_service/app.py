@@ -73,7 +73,8 @@ class WorkerState:
 
 def default_loader(settings: Settings) -> ModelLoader:
     def load():
-        return Matcher(settings.model_dir or None, device=settings.device, max_length=settings.max_length,
+        return Matcher(settings.model_dir or None, device=settings.device, backend=settings.backend,
+                       onnx_cache_dir=settings.onnx_cache_dir, max_length=settings.max_length,
                        batch_size=settings.batch_max_pairs, batch_tokens=settings.batch_max_tokens,
                        threads=settings.worker_torch_threads,
                        fp16=settings.fp16, int8=settings.int8)
@@ -101,7 +102,8 @@ def create_app(settings: Settings | None = None, loader: ModelLoader | None = No
         state.loader.wait()
         if state.loader.state == READY:
             matcher = state.loader.matcher
-            metrics.MODEL_INFO.labels(matcher.name, matcher.version, str(matcher.device), matcher.precision).set(1)
+            metrics.MODEL_INFO.labels(matcher.name, matcher.version, str(matcher.device), matcher.backend,
+                                      matcher.precision, matcher.note).set(1)
         state.readiness.current()  # publish mgeo_model_ready without waiting for a probe
         # What is loaded by now (libraries, model, tokenizer) lives as long as the worker: frozen, the
         # collector never walks it again. Unfrozen, a full collection walked it for 0.2-0.5 s holding the GIL,

@@ -1,19 +1,24 @@
 """Reading model directories: Hugging Face and MGeo ModelScope layouts.
 
 Both layouts end up as one ``Checkpoint``: a ``BertConfig``, a state dict with
-``BertForSequenceClassification`` key names, a tokenizer, and the label of each
-output index. Nothing here runs the model.
+``BertForSequenceClassification`` key names, a tokenizer, the label of each
+output index, and a digest of the files the model is made of. ``build_model`` makes
+the torch model from it; nothing here runs the model.
 """
 from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 from dataclasses import dataclass
 
 import torch
 from safetensors.torch import load_file as load_safetensors
-from transformers import AutoTokenizer, BertConfig, BertTokenizer, PreTrainedTokenizerBase
+from transformers import (AutoTokenizer, BertConfig, BertForSequenceClassification, BertTokenizer,
+                          PreTrainedTokenizerBase)
+
+log = logging.getLogger(__name__)
 
 # MGeo's entity-alignment labels, in the model's output order.
 LABELS = ("not_match", "partial_match", "exact_match")
@@ -50,6 +55,31 @@ class Checkpoint:
     labels: tuple[str, ...]  # labels[i] is the label of output i
     name: str
     version: str
+    directory: str
+    digest: str  # sha256 of config.json and the weights file: what the model computes, for caches keyed by it
+
+
+def build_model(checkpoint: Checkpoint, attention: str = "sdpa") -> BertForSequenceClassification:
+    """The eval-mode torch model with every weight from the checkpoint; refuses a checkpoint that lacks any.
+    ``attention``: transformers' attention implementation (the ONNX export traces ``eager``)."""
+    config = BertConfig.from_dict(checkpoint.config.to_dict())
+    config._attn_implementation = attention
+    model = BertForSequenceClassification(config)
+    expected = set(model.state_dict())
+    missing = sorted(expected - set(checkpoint.state_dict))
+    if missing:
+        # transformers would initialise these at random and serve nonsense.
+        shown = ", ".join(missing[:20]) + (f" and {len(missing) - 20} more" if len(missing) > 20 else "")
+        raise CheckpointError(f"checkpoint lacks {len(missing)} weight(s) the model needs: {shown}")
+    unexpected = sorted(set(checkpoint.state_dict) - expected)
+    if unexpected:
+        log.warning("ignoring %d checkpoint weight(s) the model does not use, e.g. %s",
+                    len(unexpected), unexpected[0])
+    try:
+        model.load_state_dict({k: checkpoint.state_dict[k] for k in expected})
+    except RuntimeError as exc:  # shape mismatch between config and weights
+        raise CheckpointError(f"checkpoint does not fit its config: {exc}") from exc
+    return model.eval()
 
 
 def detect_layout(model_dir: str) -> str:
@@ -68,9 +98,11 @@ def detect_layout(model_dir: str) -> str:
 
 def load_checkpoint(model_dir: str) -> Checkpoint:
     layout = detect_layout(model_dir)
-    raw_config = _read_json(os.path.join(model_dir, "config.json"))
+    config_path = os.path.join(model_dir, "config.json")
+    raw_config = _read_json(config_path)
     weights_path = _weights_path(model_dir)
     state_dict = _read_weights(weights_path)
+    weights_digest = _file_digest(weights_path)
     if layout == "modelscope":
         raw_config, state_dict = _convert_modelscope(raw_config, state_dict)
         labels = _modelscope_labels(model_dir, raw_config)
@@ -87,7 +119,9 @@ def load_checkpoint(model_dir: str) -> Checkpoint:
         tokenizer=tokenizer,
         labels=labels,
         name=raw_config.get("mgeo_model_name") or os.path.basename(os.path.abspath(model_dir)),
-        version=raw_config.get("mgeo_model_version") or _file_digest(weights_path),
+        version=raw_config.get("mgeo_model_version") or weights_digest[:12],
+        directory=model_dir,
+        digest=hashlib.sha256(f"{_file_digest(config_path)} {weights_digest}".encode()).hexdigest(),
     )
 
 
@@ -132,7 +166,7 @@ def _file_digest(path: str) -> str:
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
             digest.update(block)
-    return digest.hexdigest()[:12]
+    return digest.hexdigest()
 
 
 def _convert_modelscope(raw_config: dict, state_dict: dict) -> tuple[dict, dict]:

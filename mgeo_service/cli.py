@@ -1,8 +1,9 @@
-"""``mgeo-service``: serve, predict, evaluate, train."""
+"""``mgeo-service``: serve, predict, evaluate, export, train."""
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 
 from . import logs
@@ -11,9 +12,9 @@ from .config import load_settings_or_exit
 
 def _matcher(args, settings):
     from .matcher import Matcher
-    return Matcher(args.model or settings.model_dir or None, device=settings.device,
-                   max_length=settings.max_length, batch_size=getattr(args, "batch_size", 64),
-                   batch_tokens=settings.batch_max_tokens,
+    return Matcher(args.model or settings.model_dir or None, device=settings.device, backend=settings.backend,
+                   onnx_cache_dir=settings.onnx_cache_dir, max_length=settings.max_length,
+                   batch_size=getattr(args, "batch_size", 64), batch_tokens=settings.batch_max_tokens,
                    threads=settings.torch_threads or None, fp16=settings.fp16, int8=settings.int8)
 
 
@@ -33,6 +34,22 @@ def _evaluate(args, settings) -> int:
         print(f"mgeo-service evaluate: {exc}", file=sys.stderr)
         return 2
     print(json.dumps(evaluate(_matcher(args, settings), pairs), ensure_ascii=False))
+    return 0
+
+
+def _export(args, settings) -> int:
+    from .checkpoint import CheckpointError, load_checkpoint
+    from .engines.onnx_export import FLOAT_FILE, INT8_FILE, SHIPPED_FOLDER, export
+    from .matcher import DEFAULT_MODEL_DIR
+    folder = None
+    try:
+        checkpoint = load_checkpoint(args.model or settings.model_dir or DEFAULT_MODEL_DIR)
+        folder = os.path.join(checkpoint.directory, SHIPPED_FOLDER)
+        export(checkpoint, folder)
+    except (CheckpointError, OSError) as exc:
+        print(f"mgeo-service export: {exc}", file=sys.stderr)
+        return 2
+    print(json.dumps({"float32": os.path.join(folder, FLOAT_FILE), "int8": os.path.join(folder, INT8_FILE)}))
     return 0
 
 
@@ -84,6 +101,11 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--model", help=model_help)
     evaluate.add_argument("--batch-size", type=int, default=64)
     evaluate.set_defaults(run=_evaluate)
+
+    export = commands.add_parser("export", help="write the model's ONNX files (float32 and int8) into its directory's "
+                                 "onnx/ folder, where ONNX Runtime finds them: for a Docker image's build step")
+    export.add_argument("--model", help=model_help)
+    export.set_defaults(run=_export)
 
     train = commands.add_parser("train", help="train the default model from shared/data (teacher, pretrain, student)")
     train.add_argument("--stage", choices=("teacher", "pretrain", "student"), default="student",

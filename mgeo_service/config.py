@@ -75,13 +75,20 @@ def _setting(default: str, parse: Callable[[str], object], doc: str):
 SETTINGS = {
     "MGEO_MODEL_DIR": _setting("", _text, "model directory (HF or ModelScope layout); empty: the shipped default model"),
     "MGEO_DEVICE": _setting("auto", _device, "auto (CUDA when available), cpu, cuda or cuda:N"),
+    "MGEO_BACKEND": _setting("auto", _choice("auto", "onnxruntime", "torch"), "the engine: auto (ONNX Runtime on a "
+                             "CPU, torch on CUDA), onnxruntime (CPU only) or torch"),
+    "MGEO_ONNX_CACHE_DIR": _setting("", _text, "where ONNX Runtime's export of a checkpoint is kept (made once, "
+                                    "shared by workers and restarts) unless the model directory ships it "
+                                    "(`mgeo-service export`); empty: $XDG_CACHE_HOME/mgeo-service/onnx, else "
+                                    "~/.cache/mgeo-service/onnx"),
     "MGEO_FP16": _setting("0", _boolean, "run the model in float16 (CUDA only)"),
-    "MGEO_INT8": _setting("0", _boolean, "run the encoder's dense layers in int8 (CPU only): a forward about twice "
-                          "as fast where the CPU has a fast int8 kernel (the worker warns at load where it is "
-                          "slower), results close to float32's, not equal (MODEL_CARD.md)"),
+    "MGEO_INT8": _setting("0", _boolean, "ONNX Runtime's dynamic int8 (CPU only): served where it measures faster "
+                          "than float32 at load, else float32 with a warning; results close to float32's, not "
+                          "equal (MODEL_CARD.md)"),
     "MGEO_MAX_LENGTH": _setting("128", _integer(8, 512), "tokens per pair; longer pairs are truncated"),
-    "MGEO_TORCH_THREADS": _setting("0", _integer(0), "CPU threads each forward uses; 0: 1 when serving (forwards run "
-                                   "side by side instead), every core for predict and evaluate"),
+    "MGEO_TORCH_THREADS": _setting("0", _integer(0), "CPU threads each forward uses (torch's, or ONNX Runtime's "
+                                   "intra-op threads); 0: 1 when serving (forwards run side by side instead), every "
+                                   "core for predict and evaluate"),
     "MGEO_BIND": _setting("0.0.0.0:5000", _bind, "address of the HTTP API"),
     "MGEO_WORKERS": _setting("1", _integer(1, 64), "Gunicorn worker processes; one holds every connection, so "
                              "every request reaches the next free forward"),
@@ -167,6 +174,8 @@ def tracing_enabled(environ: Mapping[str, str]) -> bool:
 class Settings:
     model_dir: str
     device: str
+    backend: str
+    onnx_cache_dir: str
     fp16: bool
     int8: bool
     max_length: int
@@ -217,6 +226,9 @@ def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
             values[name.removeprefix("MGEO_").lower()] = spec["parse"](text)
         except ValueError as exc:
             raise ConfigError(f"{name}={text!r}: {exc}") from None
+    if values["backend"] == "onnxruntime" and values["device"].startswith("cuda"):
+        raise ConfigError(f"MGEO_BACKEND=onnxruntime runs on the CPU only; MGEO_DEVICE={values['device']} asks for "
+                          "CUDA (use MGEO_BACKEND=auto or torch there)")
     return Settings(**values, tracing=tracing_enabled(environ))
 
 

@@ -57,6 +57,8 @@ def evaluate(matcher, pairs: Sequence[LabelledPair]) -> dict:
         "load_seconds": round(matcher.load_seconds, 3),
         "max_length": matcher.max_length,
         "batch_size": matcher.batch_size,
+        "backend": matcher.backend,
         "precision": matcher.precision,
+        "note": matcher.note,
     })
     return report

@@ -17,10 +17,9 @@ from dataclasses import dataclass
 from typing import Callable, Sequence
 
 import torch
-from transformers import BertForSequenceClassification
 
-from .checkpoint import LABELS, Checkpoint, CheckpointError, load_checkpoint
-from .packed import PackedBert, int8_speedup
+from .checkpoint import LABELS, CheckpointError, load_checkpoint
+from .engines import Encoded, load_engine, resolve_backend
 
 log = logging.getLogger(__name__)
 
@@ -51,27 +50,7 @@ def resolve_device(device: str) -> torch.device:
     return resolved
 
 
-def build_model(checkpoint: Checkpoint) -> BertForSequenceClassification:
-    """The model with every weight from the checkpoint; refuses a checkpoint that lacks any."""
-    model = BertForSequenceClassification(checkpoint.config)
-    expected = set(model.state_dict())
-    missing = sorted(expected - set(checkpoint.state_dict))
-    if missing:
-        # transformers would initialise these at random and serve nonsense.
-        shown = ", ".join(missing[:20]) + (f" and {len(missing) - 20} more" if len(missing) > 20 else "")
-        raise CheckpointError(f"checkpoint lacks {len(missing)} weight(s) the model needs: {shown}")
-    unexpected = sorted(set(checkpoint.state_dict) - expected)
-    if unexpected:
-        log.warning("ignoring %d checkpoint weight(s) the model does not use, e.g. %s",
-                    len(unexpected), unexpected[0])
-    try:
-        model.load_state_dict({k: checkpoint.state_dict[k] for k in expected})
-    except RuntimeError as exc:  # shape mismatch between config and weights
-        raise CheckpointError(f"checkpoint does not fit its config: {exc}") from exc
-    return model.eval()
-
-
-def length_sorted_chunks(encoded: Sequence[tuple[list[int], list[int]]], size: int,
+def length_sorted_chunks(encoded: Sequence[Encoded], size: int,
                          max_tokens: int | None = None) -> list[list[int]]:
     """Indices of ``encoded`` in chunks of at most ``size`` pairs and ``max_tokens`` tokens (a pair longer
     than that goes alone), shortest first: attention groups of even length, forwards of bounded work."""
@@ -87,7 +66,7 @@ def length_sorted_chunks(encoded: Sequence[tuple[list[int], list[int]]], size: i
     return chunks + [chunk] if chunk else chunks
 
 
-def forward_in_chunks(forward: Callable[[list], torch.Tensor], encoded: Sequence[tuple[list[int], list[int]]],
+def forward_in_chunks(forward: Callable[[list], torch.Tensor], encoded: Sequence[Encoded],
                       size: int, on_forward: Callable[[int, float], None] | None = None,
                       max_tokens: int | None = None) -> torch.Tensor:
     """Probabilities for every encoded pair, in input order, from length-sorted forwards of at most ``size``
@@ -107,16 +86,20 @@ def forward_in_chunks(forward: Callable[[list], torch.Tensor], encoded: Sequence
 
 
 class Matcher:
-    """Loads a model directory once and scores batches of address pairs."""
+    """Loads a model directory once and scores batches of address pairs with an engine (``engines/``)."""
 
-    def __init__(self, model_dir: str | None = None, device: str = "auto",
+    def __init__(self, model_dir: str | None = None, device: str = "auto", backend: str = "auto",
                  max_length: int = DEFAULT_MAX_LENGTH, batch_size: int = 64, batch_tokens: int | None = None,
-                 threads: int | None = None, fp16: bool = False, int8: bool = False):
+                 threads: int | None = None, fp16: bool = False, int8: bool = False, onnx_cache_dir: str = ""):
         started = time.perf_counter()
         self.model_dir = model_dir or DEFAULT_MODEL_DIR
         if threads:
             torch.set_num_threads(threads)
-        self.device = resolve_device(device)
+        # ONNX Runtime runs on the CPU: asked for by name, "auto" means the CPU.
+        self.device = resolve_device("cpu" if backend == "onnxruntime" and device == "auto" else device)
+        self.backend = resolve_backend(backend, self.device)
+        if self.backend == "onnxruntime" and self.device.type != "cpu":
+            raise CheckpointError(f"MGEO_BACKEND=onnxruntime runs on the CPU, not {self.device}")
         checkpoint = load_checkpoint(self.model_dir)
         self.tokenizer = checkpoint.tokenizer
         self.labels = checkpoint.labels
@@ -125,28 +108,13 @@ class Matcher:
         self.version = checkpoint.version
         self.max_length = max_length
         self.batch_size, self.batch_tokens = batch_size, batch_tokens
-        model = build_model(checkpoint)
-        # Each applies on its own kind of device only, so one configuration serves a mixed fleet.
-        self.precision = ("int8" if int8 and self.device.type == "cpu" else
-                          "float16" if fp16 and self.device.type == "cuda" else "float32")
-        if self.precision == "float16":
-            model = model.half()
-        self.model = model.to(self.device)
-        self.int8_speedup = None
-        if self.precision == "int8":
-            config = model.config
-            self.int8_speedup = int8_speedup(config.hidden_size, config.intermediate_size)
-            if self.int8_speedup < 1:
-                log.warning("MGEO_INT8: this CPU multiplies in int8 %.1fx slower than in float32 (no fast int8 "
-                            "kernel here): the model will run slower, not faster; set MGEO_INT8=0",
-                            1 / self.int8_speedup)
-        try:
-            self._packed = PackedBert(self.model, int8=self.precision == "int8")
-        except ValueError as exc:
-            raise CheckpointError(f"checkpoint cannot be served: {exc}") from exc
+        self.engine = load_engine(checkpoint, self.backend, self.device, threads=threads, fp16=fp16, int8=int8,
+                                  onnx_cache_dir=onnx_cache_dir)
+        self.precision, self.note = self.engine.precision, self.engine.note
         self.load_seconds = time.perf_counter() - started
-        log.info("model %s@%s (%s layout) loaded on %s in %s in %.2fs",
-                 self.name, self.version, self.layout, self.device, self.precision, self.load_seconds)
+        log.info("model %s@%s (%s layout) loaded on %s, %s in %s in %.2fs%s",
+                 self.name, self.version, self.layout, self.device, self.backend, self.precision, self.load_seconds,
+                 f" ({self.note})" if self.note else "")
 
     @property
     def model_id(self) -> str:
@@ -167,9 +135,9 @@ class Matcher:
                                           max_tokens=self.batch_tokens)
         return [self.prediction(p) for p in probabilities]
 
-    def forward(self, encoded: Sequence[tuple[list[int], list[int]]]) -> torch.Tensor:
-        """Probabilities [n, labels] for already-encoded pairs: one padding-free model forward."""
-        return torch.softmax(self._packed.logits(encoded).float(), dim=-1).cpu()
+    def forward(self, encoded: Sequence[Encoded]) -> torch.Tensor:
+        """Probabilities [n, labels] for already-encoded pairs: one forward of the engine."""
+        return self.engine.probabilities(encoded)
 
     def prediction(self, probs: torch.Tensor) -> Prediction:
         """The label, scores and similarity of one row of ``forward``'s probabilities."""

@@ -45,8 +45,9 @@ MODEL_READY = Gauge(
     "mgeo_model_ready", "Workers whose model is loaded and passed its readiness check.",
     multiprocess_mode="livesum")
 MODEL_INFO = Gauge(
-    "mgeo_model_info", "The model each worker serves (value 1).",
-    ["model", "version", "device", "precision"], multiprocess_mode="livemax")
+    "mgeo_model_info", "The model each worker serves (value 1): its engine (backend), what it computes in "
+    "(precision), and why that is not what was asked (note; empty when it is).",
+    ["model", "version", "device", "backend", "precision", "note"], multiprocess_mode="livemax")
 WORKERS_NOT_READY = Gauge(
     "mgeo_workers_not_ready", "Workers whose last readiness check failed, by reason (alerts carry the reason).",
     ["reason"], multiprocess_mode="livesum")

@@ -74,9 +74,7 @@ class Readiness:
                 checks["error"] = loader.error
             return ReadinessResult(False, loader.reason, checks)
         matcher = loader.matcher
-        checks["eval_mode"] = not matcher.model.training
-        if matcher.model.training:
-            return ReadinessResult(False, "model_load_failed", checks)
+        checks["backend"], checks["precision"] = matcher.backend, matcher.precision
         try:
             encoded = matcher.encode([PROBE_PAIR])
             unknown = matcher.tokenizer.unk_token_id

@@ -13,6 +13,7 @@ import urllib.parse
 import urllib.request
 
 import pytest
+import tempfile
 import yaml
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -20,6 +21,8 @@ DATA = os.path.join(ROOT, "tests", "data")
 PROMETHEUS = os.path.join(ROOT, "prometheus")
 GRAFANA = os.path.join(ROOT, "grafana")
 RULE_FILES = [os.path.join(PROMETHEUS, "rules", f) for f in ("mgeo-recording.yml", "mgeo-alerts.yml")]
+# ONNX exports of the tests' checkpoints go to a cache of this run's own, inherited by the services it starts.
+os.environ["XDG_CACHE_HOME"] = tempfile.mkdtemp(prefix="mgeo-test-cache-")
 DASHBOARDS = [os.path.join(GRAFANA, "dashboards", f) for f in ("mgeo-service.json", "mgeo-gpu.json")]
 
 

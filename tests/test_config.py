@@ -69,11 +69,22 @@ def test_a_sampling_ratio_outside_0_to_1_stops_start_up(ratio):
 @pytest.mark.parametrize("name, value", [
     ("MGEO_WORKERS", "zero"), ("MGEO_WORKERS", "0"), ("MGEO_DEVICE", "tpu"), ("MGEO_BIND", "5000"),
     ("MGEO_METRICS_PORT", "70000"), ("MGEO_FP16", "maybe"), ("MGEO_INT8", "2"), ("MGEO_LOG_LEVEL", "loud"),
-    ("MGEO_READY_CACHE_SECONDS", "-1"), ("MGEO_MAX_PAIRS", ""),
+    ("MGEO_READY_CACHE_SECONDS", "-1"), ("MGEO_MAX_PAIRS", ""), ("MGEO_BACKEND", "tensorrt"),
 ])
 def test_bad_values_name_the_variable(name, value):
     with pytest.raises(ConfigError, match=name):
         load_settings({name: value})
+
+
+@pytest.mark.parametrize("device", ["cuda", "cuda:1"])
+def test_onnx_runtime_asked_for_on_cuda_stops_start_up(device):
+    with pytest.raises(ConfigError, match="MGEO_BACKEND=onnxruntime runs on the CPU only"):
+        load_settings({"MGEO_BACKEND": "onnxruntime", "MGEO_DEVICE": device})
+
+
+def test_the_backend_is_auto_unless_set():
+    assert load_settings({}).backend == "auto"
+    assert load_settings({"MGEO_BACKEND": "Torch", "MGEO_DEVICE": "cuda"}).backend == "torch"
 
 
 def test_serve_refuses_a_bad_setting_at_once():

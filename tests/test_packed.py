@@ -1,13 +1,14 @@
-"""The padding-free forward gives, for every pair of any batch, the probabilities of scoring it alone."""
+"""The torch engine's padding-free forward gives, for every pair of any batch, the probabilities of scoring it
+alone, and transformers' own; shared helpers for the ONNX Runtime engine's tests (test_ort.py)."""
 import random
 
 import pytest
 import torch
-from mgeo_service.checkpoint import CheckpointError
+from mgeo_service.checkpoint import CheckpointError, build_model, load_checkpoint
 from mgeo_service.dataset import read_pairs
+from mgeo_service.engines.packed import GROUP_PADDING, attention_groups
 from mgeo_service.evaluation import classification_report, evaluate
 from mgeo_service.matcher import DEFAULT_MODEL_DIR, Matcher
-from mgeo_service.packed import GROUP_PADDING, attention_groups
 
 from conftest import DATA
 from test_checkpoint import save_huggingface, save_modelscope, tiny_model
@@ -16,14 +17,6 @@ TOLERANCE = 1e-5  # a pair's probabilities in any batch against the same pair sc
 # Against transformers' own BertForSequenceClassification: the same arithmetic in another order (one
 # fused query/key/value multiply, attention without padding) moves a probability by up to ~2e-5.
 TRANSFORMERS_TOLERANCE = 1e-4
-# int8 activations are scaled per token, so a batch changes a pair's result only where another
-# batch's float sums (attention, LayerNorm) move a value across a rounding edge, and one edge
-# crossed moves a probability by up to about 1e-2. Measured: 6e-4 on an AVX2 CPU; on an AVX-512
-# one 1e-7 for batches of 3 to 32 pairs and 8.1e-3 for the one batch of all 249 pairs.
-INT8_BATCH_TOLERANCE = 2e-2
-# int8 against float32 on these pairs: the median pair's largest probability change, and the
-# share of labels kept (MODEL_CARD.md has the figures on the held-out split).
-INT8_MEDIAN, INT8_AGREEMENT = 0.01, 0.95
 LONG = "广东省深圳市南山区粤海街道科技园南区高新南七道" * 8  # truncated to max_length
 
 
@@ -38,8 +31,9 @@ def real_pairs() -> list[tuple[str, str]]:
 
 def transformers_alone(matcher: Matcher, encoded) -> torch.Tensor:
     """Each pair scored by itself through transformers' own BertForSequenceClassification: no padding."""
+    model = build_model(load_checkpoint(matcher.model_dir))
     with torch.inference_mode():
-        rows = [matcher.model(input_ids=torch.tensor([ids]), token_type_ids=torch.tensor([types])).logits[0]
+        rows = [model(input_ids=torch.tensor([ids]), token_type_ids=torch.tensor([types])).logits[0]
                 for ids, types in encoded]
     return torch.softmax(torch.stack(rows).float(), dim=-1)
 
@@ -58,39 +52,30 @@ def assert_batches_match_alone(matcher: Matcher, pairs, tolerance=TOLERANCE) -> 
     return encoded, reference
 
 
-def assert_transformers_agrees(matcher: Matcher, pairs):
-    encoded, alone = assert_batches_match_alone(matcher, pairs)
+def assert_transformers_agrees(matcher: Matcher, pairs, tolerance=TOLERANCE):
+    encoded, alone = assert_batches_match_alone(matcher, pairs, tolerance)
     assert (alone - transformers_alone(matcher, encoded)).abs().max().item() <= TRANSFORMERS_TOLERANCE
 
 
-def test_default_model_batches_give_the_probabilities_of_each_pair_alone(default_matcher):
-    assert_transformers_agrees(default_matcher, real_pairs())
+@pytest.fixture(scope="module")
+def torch_matcher():
+    return Matcher(device="cpu", backend="torch")
 
 
-def test_int8_warns_at_load_where_this_cpu_multiplies_int8_slower(caplog):
-    with caplog.at_level("WARNING", logger="mgeo_service.matcher"):
-        int8 = Matcher(device="cpu", int8=True)
-    assert int8.int8_speedup > 0
-    warned = [r for r in caplog.records if "MGEO_INT8" in r.getMessage()]
-    assert bool(warned) == (int8.int8_speedup < 1)
-    assert Matcher(device="cpu").int8_speedup is None  # float32 measures nothing
+def test_default_model_batches_give_the_probabilities_of_each_pair_alone(torch_matcher):
+    assert torch_matcher.backend == "torch"
+    assert_transformers_agrees(torch_matcher, real_pairs())
 
 
-def test_int8_batches_give_each_pair_s_probabilities_alone_close_to_float32(default_matcher):
-    int8 = Matcher(device="cpu", int8=True)
-    assert (int8.precision, default_matcher.precision) == ("int8", "float32")
-    encoded, alone = assert_batches_match_alone(int8, real_pairs(), INT8_BATCH_TOLERANCE)
-    in_float = torch.cat([default_matcher.forward([pair]) for pair in encoded])
-    difference = (alone - in_float).abs().max(-1).values
-    assert difference.max().item() > 0 and difference.median().item() <= INT8_MEDIAN  # close, not equal
-    assert (alone.argmax(-1) == in_float.argmax(-1)).float().mean().item() >= INT8_AGREEMENT
-
-
-def test_mgeo_layout_checkpoint_batches_give_the_probabilities_of_each_pair_alone(tmp_path, default_matcher):
+def mgeo_layout_copy(folder) -> str:
+    """The default model's weights saved as ModelScope saves MGeo (bert.text_encoder.*, GIS extras)."""
     with open(f"{DEFAULT_MODEL_DIR}/vocab.txt", encoding="utf-8") as f:
         vocab = f.read().splitlines()
-    # The default model's weights saved as ModelScope saves MGeo (bert.text_encoder.*, GIS extras).
-    matcher = Matcher(save_modelscope(default_matcher.model, tmp_path / "mgeo", vocab=vocab), device="cpu")
+    return save_modelscope(build_model(load_checkpoint(DEFAULT_MODEL_DIR)), folder, vocab=vocab)
+
+
+def test_mgeo_layout_checkpoint_batches_give_the_probabilities_of_each_pair_alone(tmp_path):
+    matcher = Matcher(mgeo_layout_copy(tmp_path / "mgeo"), device="cpu", backend="torch")
     assert matcher.layout == "modelscope"
     assert_transformers_agrees(matcher, real_pairs())
 
@@ -120,4 +105,4 @@ def test_an_activation_it_does_not_implement_is_refused_at_load(tmp_path):
     model = tiny_model()
     model.config.hidden_act = "silu"
     with pytest.raises(CheckpointError, match="hidden_act 'silu' is not supported"):
-        Matcher(save_huggingface(model, tmp_path / "silu"), device="cpu")
+        Matcher(save_huggingface(model, tmp_path / "silu"), device="cpu", backend="torch")

@@ -68,8 +68,8 @@ def test_service_metrics_and_worker_replacement(service_factory):
     assert samples[("mgeo_model_ready", ())] == 2
     info = counters(samples, "mgeo_model_info")
     assert len(info) == 1 and list(info.values()) == [1.0]
-    assert {k: dict(next(iter(info)))[k] for k in ("device", "model", "precision")} == \
-        {"device": "cpu", "model": "mgeo-default", "precision": "float32"}
+    assert {k: dict(next(iter(info)))[k] for k in ("device", "model", "backend", "precision", "note")} == \
+        {"device": "cpu", "model": "mgeo-default", "backend": "onnxruntime", "precision": "float32", "note": ""}
     assert samples[("mgeo_worker_starts_total", ())] == 2
     assert counters(samples, "mgeo_readiness_failures_total") == {}
     assert samples[("mgeo_nvml_up", ())] == 1

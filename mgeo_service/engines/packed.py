@@ -1,4 +1,6 @@
-"""A padding-free forward for a BERT cross-encoder: the pairs' tokens packed into one sequence.
+"""The torch engine: a padding-free forward for a BERT cross-encoder, the pairs' tokens packed into
+one sequence. It serves CUDA (float32 or float16), and a CPU only when ``MGEO_BACKEND=torch``: there
+ONNX Runtime is faster (``ort.py``).
 
 Address pairs differ in length (10 to 100+ tokens), and a padded batch spends most of its
 work on padding unless it is sorted across many requests. Almost all of a BERT's work is in
@@ -16,23 +18,17 @@ in another order).
 The layers run as one TorchScript function: a single call that releases the GIL for the whole
 forward, where eager PyTorch takes the GIL back between every operation and so queues behind
 the worker's request threads at each of some 150 steps.
-
-With ``int8`` (CPU only) the four dense layers of each encoder layer, nearly all the work,
-multiply in int8 with int32 sums (``torch._int_mm``), about twice as fast as in float32:
-weights quantised once, per output channel; activations each call, per token, so a batch
-moves a pair's result only where its float sums cross a rounding edge (under 1e-3). The
-probabilities are close to float32's, not equal: MODEL_CARD.md gives the figures.
 """
 from __future__ import annotations
 
-import time
 import warnings
 from typing import List, Sequence, Tuple
 
 import torch
 from transformers import BertForSequenceClassification
 
-Encoded = tuple[list[int], list[int]]
+from ..checkpoint import Checkpoint, CheckpointError, build_model
+from . import Encoded
 
 # An attention group is cut where its padded area would pass its real tokens by this factor.
 GROUP_PADDING = 1.25
@@ -54,27 +50,14 @@ def attention_groups(lengths: Sequence[int]) -> list[list[int]]:
     return groups
 
 
-def _dense(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, int8: List[torch.Tensor],
-           which: int) -> torch.Tensor:
-    """A dense layer in float32, or, when ``int8`` holds the layers' int8 weights and scales, in int8."""
-    if len(int8) == 0:
-        return torch.nn.functional.linear(x, weight, bias)
-    scale = x.abs().amax(1, keepdim=True).clamp(min=1e-12) / 127
-    products = torch._int_mm(torch.round(x / scale).to(torch.int8), int8[2 * which])
-    return products.float() * scale * int8[2 * which + 1] + bias
-
-
 def _encode_layers(hidden: torch.Tensor, slots: torch.Tensor, padded_size: int,
                    blocks: List[Tuple[int, int, int, torch.Tensor]], layers: List[List[torch.Tensor]],
-                   int8: List[List[torch.Tensor]],
                    heads: int, eps: float, gelu: str) -> torch.Tensor:
     """The encoder layers over packed tokens [tokens, hidden]; ``blocks`` are the attention groups."""
     width = hidden.shape[1]
     scale = float(width // heads) ** -0.5
-    in_float = torch.jit.annotate(List[torch.Tensor], [])
-    for index, w in enumerate(layers):
-        quantised = int8[index] if len(int8) > 0 else in_float
-        qkv = _dense(hidden, w[0], w[1], quantised, 0)
+    for w in layers:
+        qkv = torch.nn.functional.linear(hidden, w[0], w[1])
         padded = qkv.new_zeros(padded_size, qkv.shape[1])
         padded[slots] = qkv
         context = qkv.new_empty(padded_size, width)
@@ -84,10 +67,11 @@ def _encode_layers(hidden: torch.Tensor, slots: torch.Tensor, padded_size: int,
             scores = torch.matmul(q, k.transpose(-1, -2)).mul_(scale).add_(bias)
             out = torch.matmul(scores.softmax(-1), v)
             context[start:start + count * longest] = out.transpose(1, 2).reshape(count * longest, width)
-        attended = _dense(context[slots], w[2], w[3], quantised, 1) + hidden
+        attended = torch.nn.functional.linear(context[slots], w[2], w[3]) + hidden
         hidden = torch.nn.functional.layer_norm(attended, [width], w[4], w[5], eps)
-        intermediate = torch.nn.functional.gelu(_dense(hidden, w[6], w[7], quantised, 2), approximate=gelu)
-        hidden = torch.nn.functional.layer_norm(_dense(intermediate, w[8], w[9], quantised, 3) + hidden,
+        intermediate = torch.nn.functional.gelu(torch.nn.functional.linear(hidden, w[6], w[7]),
+                                                     approximate=gelu)
+        hidden = torch.nn.functional.layer_norm(torch.nn.functional.linear(intermediate, w[8], w[9]) + hidden,
                                                 [width], w[10], w[11], eps)
     return hidden
 
@@ -99,38 +83,10 @@ with warnings.catch_warnings():
     _encode = torch.jit.script(_encode_layers)
 
 
-def _int8(weight: torch.Tensor) -> list[torch.Tensor]:
-    """A dense layer's weight as int8 [in, out] and its scale per output channel.
-
-    7 bits (at most 63): a pair of products then fits the int16 sums that int8 kernels use on
-    CPUs without VNNI, so no host saturates.
-    """
-    weight = weight.detach().float()
-    scale = weight.abs().amax(1).clamp(min=1e-12) / 63
-    return [torch.round(weight / scale[:, None]).to(torch.int8).t().contiguous(), scale[None, :]]
-
-
-def int8_speedup(hidden: int, intermediate: int, tokens: int = 128) -> float:
-    """How many times faster this CPU runs a layer-shaped product in int8 (``torch._int_mm``) than in
-    float32, best of three. Below 1, the CPU has no fast int8 kernel and int8 only costs."""
-    activations = torch.randint(-63, 64, (tokens, hidden), dtype=torch.int8)
-    weight = torch.randint(-63, 64, (hidden, intermediate), dtype=torch.int8)
-    as_float = (activations.float(), weight.float())
-
-    def best(product) -> float:
-        times = []
-        for _ in range(3):
-            started = time.perf_counter()
-            product()
-            times.append(time.perf_counter() - started)
-        return min(times)
-    return best(lambda: torch.matmul(*as_float)) / best(lambda: torch._int_mm(activations, weight))
-
-
 class PackedBert:
-    """Scores encoded pairs with the weights of an eval-mode ``BertForSequenceClassification`` (int8: on a CPU)."""
+    """Scores encoded pairs with the weights of an eval-mode ``BertForSequenceClassification``."""
 
-    def __init__(self, model: BertForSequenceClassification, int8: bool = False):
+    def __init__(self, model: BertForSequenceClassification):
         config = model.config
         if config.hidden_act not in GELU_APPROXIMATIONS:
             raise ValueError(f"hidden_act {config.hidden_act!r} is not supported")
@@ -150,7 +106,6 @@ class PackedBert:
                 attention.output.LayerNorm.weight, attention.output.LayerNorm.bias,
                 layer.intermediate.dense.weight, layer.intermediate.dense.bias,
                 output.dense.weight, output.dense.bias, output.LayerNorm.weight, output.LayerNorm.bias])
-        self.int8 = [[t for i in (0, 2, 6, 8) for t in _int8(layer[i])] for layer in self.layers] if int8 else []
 
     @torch.inference_mode()
     def logits(self, encoded: Sequence[Encoded]) -> torch.Tensor:
@@ -180,8 +135,25 @@ class PackedBert:
         positions = torch.tensor([p for n in lengths for p in range(n)], device=device)
         hidden = e.LayerNorm(e.word_embeddings(input_ids) + e.token_type_embeddings(token_types)
                              + e.position_embeddings(positions))
-        hidden = _encode(hidden, torch.tensor(slots, device=device), padded_size, blocks, self.layers, self.int8,
+        hidden = _encode(hidden, torch.tensor(slots, device=device), padded_size, blocks, self.layers,
                          self.heads, self.eps, self.gelu)
         pooler = self.model.bert.pooler
         pooled = pooler.activation(pooler.dense(hidden[torch.tensor(starts, device=device)]))
         return self.model.classifier(pooled)
+
+
+class TorchEngine:
+    backend = "torch"
+    note = ""
+
+    def __init__(self, checkpoint: Checkpoint, device: torch.device, fp16: bool):
+        model = build_model(checkpoint)
+        self.precision = "float16" if fp16 else "float32"
+        self.model = (model.half() if fp16 else model).to(device)
+        try:
+            self._packed = PackedBert(self.model)
+        except ValueError as exc:
+            raise CheckpointError(f"checkpoint cannot be served: {exc}") from exc
+
+    def probabilities(self, encoded: Sequence[Encoded]) -> torch.Tensor:
+        return torch.softmax(self._packed.logits(encoded).float(), dim=-1).cpu()

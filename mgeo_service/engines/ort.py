@@ -1,0 +1,87 @@
+"""The ONNX Runtime engine: every CPU forward unless ``MGEO_BACKEND=torch``.
+
+ONNX Runtime runs the checkpoint's exported graph (``onnx_export.py``) with its embeddings,
+attention, GELU and layer norms fused into single operators: on a CPU, faster than torch on the
+same weights (BENCHMARKS.md). It takes padded batches: the matcher's chunks are sorted by
+length and bounded in tokens, so they pad little. ``run`` releases the GIL for the whole
+forward, as the torch engine's TorchScript call does, so forwards run side by side on the cores.
+
+int8 is served only where it is faster here: at load both graphs are timed on the same batch,
+and where int8 is slower (some CPUs lack fast int8 kernels) the engine serves float32 and says
+so (``note``, logged and in ``mgeo_model_info``).
+"""
+from __future__ import annotations
+
+import logging
+import time
+from typing import Sequence
+
+import numpy as np
+import onnxruntime
+import torch
+
+from ..checkpoint import Checkpoint
+from . import Encoded
+from .onnx_export import onnx_files
+
+log = logging.getLogger(__name__)
+
+INT8_SLOWER = "int8_slower_than_float32"
+
+
+def session(path: str, threads: int | None) -> onnxruntime.InferenceSession:
+    options = onnxruntime.SessionOptions()
+    options.intra_op_num_threads = threads or 0  # 0: ONNX Runtime's default, one per physical core
+    options.inter_op_num_threads = 1
+    # A forward's threads sleep between operators instead of spinning: spinning would take the
+    # cores from the forward beside it and from the request threads.
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    options.log_severity_level = 3  # errors only: its warnings name nodes, not problems
+    return onnxruntime.InferenceSession(path, options, providers=["CPUExecutionProvider"])
+
+
+def padded(encoded: Sequence[Encoded]) -> dict[str, np.ndarray]:
+    """The graph's inputs for encoded pairs: [pairs, longest] token ids, attention mask and token types."""
+    ids = np.zeros((len(encoded), max(len(token_ids) for token_ids, _ in encoded)), dtype=np.int64)
+    types, mask = np.zeros_like(ids), np.zeros_like(ids)
+    for row, (token_ids, type_ids) in enumerate(encoded):
+        ids[row, :len(token_ids)], types[row, :len(type_ids)], mask[row, :len(token_ids)] = token_ids, type_ids, 1
+    return {"input_ids": ids, "attention_mask": mask, "token_type_ids": types}
+
+
+def int8_speedup(int8: onnxruntime.InferenceSession, float32: onnxruntime.InferenceSession,
+                 vocab_size: int) -> float:
+    """How many times faster the int8 graph runs than the float32 one on a batch of 4 pairs of 32 tokens,
+    best of three each after a warm-up: below 1, this CPU has no fast int8 kernel."""
+    ids = np.random.default_rng(0).integers(vocab_size // 2, vocab_size, (4, 32))
+    feeds = padded([(list(row), [0] * 16 + [1] * 16) for row in ids])
+
+    def best(graph) -> float:
+        times = []
+        for _ in range(4):
+            started = time.perf_counter()
+            graph.run(None, feeds)
+            times.append(time.perf_counter() - started)
+        return min(times[1:])
+    return best(float32) / best(int8)
+
+
+class OnnxRuntimeEngine:
+    backend = "onnxruntime"
+
+    def __init__(self, checkpoint: Checkpoint, int8: bool, threads: int | None, cache_dir: str):
+        float_path, int8_path = onnx_files(checkpoint, cache_dir)
+        self._session = session(float_path, threads)
+        self.precision, self.note, self.int8_speedup = "float32", "", None
+        if int8:
+            quantised = session(int8_path, threads)
+            self.int8_speedup = int8_speedup(quantised, self._session, checkpoint.config.vocab_size)
+            if self.int8_speedup >= 1:
+                self._session, self.precision = quantised, "int8"
+            else:
+                self.note = INT8_SLOWER
+                log.warning("MGEO_INT8: int8 runs %.2fx the speed of float32 on this CPU (no fast int8 kernel "
+                            "here): serving float32", self.int8_speedup)
+
+    def probabilities(self, encoded: Sequence[Encoded]) -> torch.Tensor:
+        return torch.from_numpy(self._session.run(None, padded(encoded))[0])
