@@ -80,7 +80,7 @@ def matmul_rates(device: str, size: int) -> dict:
 def correctness(model: str, device: str) -> dict:
     figures = {}
     for precision in ("float32", "float16") if device == "cuda" else ("float32",):
-        matcher = Matcher(model, device=device, fp16=precision == "float16")
+        matcher = Matcher(model, device=device, backend="torch", fp16=precision == "float16")
         encoded = matcher.encode(PAIRS)
         alone = torch.cat([matcher.forward([pair]) for pair in encoded])
         batches = [encoded[i:i + 32] for i in range(0, len(encoded), 32)]
@@ -118,7 +118,7 @@ BATCHES = [(32, None), (64, None), (128, None), (256, None), (128, 8192), (256, 
 def speed(model: str, device: str, copies: int, batches=BATCHES) -> dict:
     """Pairs/s in-process: packed against transformers' SDPA padded forward, length-sorted chunks."""
     fp16 = device == "cuda"
-    matcher = Matcher(model, device=device, fp16=fp16)
+    matcher = Matcher(model, device=device, backend="torch", fp16=fp16)
     encoded = matcher.encode(PAIRS) * copies
     figures = {"precision": matcher.precision, "pairs": len(encoded)}
     for pairs, tokens in batches:
@@ -132,10 +132,10 @@ def speed(model: str, device: str, copies: int, batches=BATCHES) -> dict:
 def compiled(model: str, device: str) -> dict:
     """transformers' padded forward eager, torch.compile with dynamic shapes, and CUDA graphs
     (reduce-overhead) on batches padded to 64 tokens: pairs/s on the same chunks."""
-    matcher = Matcher(model, device=device, fp16=device == "cuda")
+    matcher = Matcher(model, device=device, backend="torch", fp16=device == "cuda")
     encoded = [pair for pair in matcher.encode(PAIRS) if len(pair[0]) <= 64] * 4
     chunks = [encoded[i:i + 64] for i in range(0, len(encoded) - 63, 64)]
-    model_module = matcher.model
+    model_module = matcher.engine.model
 
     def padded(forward):
         def run(chunk):

@@ -6,7 +6,6 @@ import pytest
 import torch
 from mgeo_service.checkpoint import CheckpointError, build_model, load_checkpoint
 from mgeo_service.dataset import read_pairs
-from mgeo_service.engines.packed import GROUP_PADDING, attention_groups
 from mgeo_service.evaluation import classification_report, evaluate
 from mgeo_service.matcher import DEFAULT_MODEL_DIR, Matcher
 
@@ -87,18 +86,6 @@ def test_evaluate_scores_with_the_same_forward(default_matcher):
     expected = classification_report([p.label for p in pairs], reference.argmax(-1).tolist())
     report = evaluate(default_matcher, pairs)
     assert report["confusion"] == expected["confusion"] and report["macro_f1"] == expected["macro_f1"]
-
-
-def test_attention_groups_cover_every_pair_once_and_bound_their_padding():
-    lengths = [random.Random(seed).randint(3, 128) for seed in range(200)]
-    groups = attention_groups(lengths)
-    assert sorted(i for group in groups for i in group) == list(range(200))
-    for group in groups:
-        group_lengths = [lengths[i] for i in group]
-        assert group_lengths == sorted(group_lengths)
-        assert len(group) * max(group_lengths) <= GROUP_PADDING * sum(group_lengths)
-    longest = [max(lengths[i] for i in group) for group in groups]
-    assert longest == sorted(longest)
 
 
 def test_an_activation_it_does_not_implement_is_refused_at_load(tmp_path):

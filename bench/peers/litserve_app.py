@@ -4,12 +4,12 @@ import sys
 
 import litserve as ls
 
-from bench.peers import PlainModel
+from bench.peers import plain_or_onnx
 
 
 class MGeoAPI(ls.LitAPI):
     def setup(self, device):
-        self.model = PlainModel(threads=int(os.environ.get("BENCH_TORCH_THREADS", "2")))
+        self.model = plain_or_onnx(threads=int(os.environ.get("BENCH_TORCH_THREADS", "2")))
 
     def decode_request(self, request):
         return request["address1"], request["address2"]

@@ -28,6 +28,21 @@ class Engine(Protocol):
     def probabilities(self, encoded: Sequence[Encoded]) -> torch.Tensor: ...
 
 
+def length_groups(lengths: Sequence[int], padding: float) -> list[list[int]]:
+    """Indices of ``lengths`` in runs of similar length, shortest first, each padded to its longest at most
+    ``padding`` times its real tokens."""
+    groups: list[list[int]] = []
+    real = 0
+    for i in sorted(range(len(lengths)), key=lengths.__getitem__):
+        if groups and (len(groups[-1]) + 1) * lengths[i] <= padding * (real + lengths[i]):
+            groups[-1].append(i)
+            real += lengths[i]
+        else:
+            groups.append([i])
+            real = lengths[i]
+    return groups
+
+
 def resolve_backend(backend: str, device: torch.device) -> str:
     """``auto``: ONNX Runtime on a CPU, torch on CUDA (ONNX Runtime here has the CPU provider only)."""
     if backend == "auto":

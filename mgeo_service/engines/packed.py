@@ -28,26 +28,12 @@ import torch
 from transformers import BertForSequenceClassification
 
 from ..checkpoint import Checkpoint, CheckpointError, build_model
-from . import Encoded
+from . import Encoded, length_groups
 
 # An attention group is cut where its padded area would pass its real tokens by this factor.
-GROUP_PADDING = 1.25
+ATTENTION_PADDING = 1.25
 # hidden_act -> torch's gelu approximation; the activations BERT checkpoints use.
 GELU_APPROXIMATIONS = {"gelu": "none", "gelu_new": "tanh", "gelu_pytorch_tanh": "tanh"}
-
-
-def attention_groups(lengths: Sequence[int]) -> list[list[int]]:
-    """Indices of ``lengths`` in runs of similar length, shortest first, each padding little."""
-    groups: list[list[int]] = []
-    real = 0
-    for i in sorted(range(len(lengths)), key=lengths.__getitem__):
-        if groups and (len(groups[-1]) + 1) * lengths[i] <= GROUP_PADDING * (real + lengths[i]):
-            groups[-1].append(i)
-            real += lengths[i]
-        else:
-            groups.append([i])
-            real = lengths[i]
-    return groups
 
 
 def _encode_layers(hidden: torch.Tensor, slots: torch.Tensor, padded_size: int,
@@ -119,7 +105,7 @@ class PackedBert:
         # Each attention group is a padded [pairs, longest] block in one flat buffer, with a
         # bias of -inf on its padding; slots[t] is where packed token t sits in that buffer.
         blocks, slots, padded_size = [], [0] * sum(lengths), 0
-        for group in attention_groups(lengths):
+        for group in length_groups(lengths, ATTENTION_PADDING):
             longest = lengths[group[-1]]
             for row, i in enumerate(group):
                 base = padded_size + row * longest
