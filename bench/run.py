@@ -612,8 +612,8 @@ def main() -> int:
         finally:
             process.stop()
 
-    def service_batch() -> dict:
-        process, url, _, _, ready = serve()
+    def service_batch(env: dict | None = None) -> dict:
+        process, url, _, _, ready = serve(env)
         ready_times.append(ready)
         try:
             return load(url + "/predict", args.seconds, args.batch_connections, batch=32)
@@ -632,6 +632,9 @@ def main() -> int:
 
     step("service", service)
     step("service_batch", service_batch)
+    # The engine's share of b and c: the same service on the torch engine (the packed forward).
+    step("service_torch", lambda: service({"MGEO_BACKEND": "torch"}))
+    step("service_batch_torch", lambda: service_batch({"MGEO_BACKEND": "torch"}))
     step("service_metrics_off", lambda: service({"MGEO_METRICS": "0"}))
     step("service_int8", lambda: service({"MGEO_INT8": "1"}))
     step("service_traced", lambda: service_traced(1.0))
