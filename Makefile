@@ -30,16 +30,17 @@ $(MODELSCOPE_STAMP):
 	touch $(MODELSCOPE_STAMP)
 
 # The tools the tests run for real: Debian's prometheus (server and promtool),
-# prometheus-alertmanager (server and amtool), prometheus-node-exporter (the dashboard's host row)
-# and docker-compose (parses the compose file),
+# prometheus-alertmanager (server and amtool), prometheus-node-exporter (the dashboard's host row),
+# docker-compose (parses the compose file) and chromium (renders the /docs page headless),
 # kubectl's kustomize (present on these machines), the custom-resource schemas from npm, pinned
 # by tests/kubernetes/package-lock.json, and ModelScope's venv (above).
 test-tools: $(MODELSCOPE_STAMP)
 	@if ! command -v prometheus >/dev/null || ! command -v promtool >/dev/null \
 			|| ! command -v prometheus-alertmanager >/dev/null || ! command -v amtool >/dev/null \
-			|| ! command -v prometheus-node-exporter >/dev/null || ! command -v docker-compose >/dev/null; then \
+			|| ! command -v prometheus-node-exporter >/dev/null || ! command -v docker-compose >/dev/null \
+			|| ! command -v chromium >/dev/null; then \
 		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
-			prometheus prometheus-alertmanager prometheus-node-exporter docker-compose; \
+			prometheus prometheus-alertmanager prometheus-node-exporter docker-compose chromium; \
 	fi
 	@command -v kubectl >/dev/null || (echo "kubectl (with kustomize) is needed: https://kubernetes.io/docs/tasks/tools/" >&2; exit 1)
 	@test -d tests/kubernetes/node_modules || npm ci --prefix tests/kubernetes --no-audit --no-fund

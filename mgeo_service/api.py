@@ -1,7 +1,9 @@
-"""The HTTP API: ``POST /predict`` and ``GET /openapi.json``.
+"""The HTTP API: ``POST /predict``, ``POST /rank`` and ``GET /openapi.json``.
 
 A request flows: authenticate -> read and validate the JSON -> its deadline -> result cache ->
 (the pairs it lacks) micro-batcher: admission, tokenising, deadlines -> matcher forward -> JSON.
+``/rank`` is ``/predict`` for one query against many candidates: the same path (``score``), its
+results sorted by similarity.
 Every step that can go wrong answers with an ``ApiError``: 429 when the worker cannot answer
 in time, 503 while the model is not ready, 504 when the deadline passed first.
 """
@@ -23,6 +25,7 @@ from .errors import ApiError, json_response
 from .loader import READY
 
 ADDRESS_FIELDS = ("address1", "address2")
+RANK_FIELDS, CANDIDATE_FIELDS = {"query", "candidates", "top_n"}, {"address", "id"}
 TIMEOUT_HEADER = "X-Request-Timeout-Ms"  # a client's own deadline, in milliseconds; it may only shorten the default
 with open(os.path.join(os.path.dirname(__file__), "openapi.json"), encoding="utf-8") as _spec:
     OPENAPI = json.load(_spec)  # the API's description, served at /openapi.json and kept true by tests
@@ -119,6 +122,42 @@ def parse_predict_body(data, max_pairs: int, max_chars: int) -> tuple[list[tuple
     return [_pair(data, "", max_chars)], False
 
 
+def parse_rank_body(data, max_pairs: int, max_chars: int) -> tuple[list[tuple[str, str]], tuple[list[dict], int | None]]:
+    """The pairs (query, candidate) asked for, and (per candidate ``{"id": ...}`` when it gave one, else ``{}``;
+    top_n)."""
+    if not isinstance(data, dict):
+        raise ApiError(400, "invalid_request", "body must be a JSON object with query and candidates")
+    unknown = sorted(set(data) - RANK_FIELDS)
+    if unknown:
+        raise ApiError(400, "invalid_request", f"unknown field(s) in body: {', '.join(unknown)[:200]}")
+    query = _address(data, "query", "", max_chars)
+    if "candidates" not in data:
+        raise ApiError(400, "missing_field", "candidates is missing")
+    candidates = data["candidates"]
+    if not isinstance(candidates, list) or not candidates:
+        raise ApiError(400, "invalid_request", "'candidates' must be a non-empty array")
+    if len(candidates) > max_pairs:
+        raise ApiError(400, "too_many_pairs", f"at most {max_pairs} candidates per request, got {len(candidates)}")
+    top_n = data.get("top_n")
+    if top_n is not None and (type(top_n) is not int or top_n < 1):
+        raise ApiError(400, "invalid_request", "'top_n' must be a whole number >= 1")
+    pairs, ids = [], []
+    for i, candidate in enumerate(candidates):
+        where = f"candidates[{i}]"
+        if isinstance(candidate, dict):
+            unknown = sorted(set(candidate) - CANDIDATE_FIELDS)
+            if unknown:
+                raise ApiError(400, "invalid_request", f"unknown field(s) in {where}: {', '.join(unknown)[:200]}")
+            if isinstance(candidate.get("id"), (dict, list)):
+                raise ApiError(400, "invalid_request", f"{where}.id must be a string, number, boolean or null")
+            pairs.append((query, _address(candidate, "address", where + ".", max_chars)))
+            ids.append({"id": candidate["id"]} if "id" in candidate else {})
+        else:
+            pairs.append((query, _address({"address": candidate}, "address", where + ".", max_chars)))
+            ids.append({})
+    return pairs, (ids, top_n)
+
+
 def request_deadline(started: float, default_ms: int) -> float:
     """The ``time.perf_counter()`` by which this request must be answered."""
     header = request.headers.get(TIMEOUT_HEADER)
@@ -159,15 +198,16 @@ def authenticate(api_token: str) -> None:
                        {"WWW-Authenticate": 'Bearer realm="mgeo", error="invalid_token"'})
 
 
-@api.post("/predict")
-def predict():
+def score(route: str):
+    """The path every scoring route shares, up to its answer: the pairs' results (``Prediction.as_dict``) in
+    order, the model id, and what the route's body parser (``BODY_PARSERS``) gave besides the pairs."""
     state = current_app.extensions["mgeo"]
     settings, tracer = state.settings, state.tracer
     request_span = trace.get_current_span()  # the request's own (observability.py), or a no-op one
     with tracer.start_as_current_span("validate", record_exception=False):
         authenticate(settings.api_token)
         data = read_json_body(settings.max_body_bytes)
-        pairs, is_batch = parse_predict_body(data, settings.max_pairs, settings.max_address_chars)
+        pairs, extra = BODY_PARSERS[route](data, settings.max_pairs, settings.max_address_chars)
         deadline = request_deadline(g.started, settings.request_timeout_ms)
     request_span.set_attribute("mgeo.pairs", len(pairs))
     # A worker that has just started (first start, reload, restart) answers once its model is in.
@@ -202,9 +242,27 @@ def predict():
     if settings.metrics:
         for result in results:
             metrics.PAIRS.labels(result["label"]).inc()
+    return results, matcher.model_id, extra
+
+
+# route -> (JSON document, max pairs, max address chars) -> (pairs, what else the route answers with)
+BODY_PARSERS = {"/predict": parse_predict_body, "/rank": parse_rank_body}
+
+
+@api.post("/predict")
+def predict():
+    results, model_id, is_batch = score("/predict")
     if is_batch:
-        return json_response({"results": results, "model": matcher.model_id})
-    return json_response({**results[0], "model": matcher.model_id})
+        return json_response({"results": results, "model": model_id})
+    return json_response({**results[0], "model": model_id})
+
+
+@api.post("/rank")
+def rank():
+    results, model_id, (ids, top_n) = score("/rank")
+    ranked = sorted(({"index": i, **ids[i], **result} for i, result in enumerate(results)),
+                    key=lambda result: (-result["similarity"], result["index"]))
+    return json_response({"results": ranked[:top_n], "model": model_id})
 
 
 @api.get("/openapi.json")

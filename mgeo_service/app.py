@@ -10,9 +10,11 @@ import threading
 import time
 
 from flask import Flask
+from flask_cors import CORS
+from flask_swagger_ui import get_swaggerui_blueprint
 
 from . import logs, metrics, tracing
-from .api import api, decode_json, parse_predict_body, rejection
+from .api import BODY_PARSERS, api, decode_json, rejection
 from .batcher import REJECTION_REASONS, MicroBatcher, Rejected
 from .cache import ResultCache, pair_key
 from .config import Settings, load_settings
@@ -55,17 +57,19 @@ class WorkerState:
         batcher = self._batcher
         return batcher and batcher.full(self.settings.request_timeout_ms / 1000)
 
-    def refuse_early(self, overload: Rejected, body: bytes) -> ApiError | None:
-        """The answer, given ``overload()``, to a whole /predict body no thread has taken yet (``worker.py``):
-        429, counted, unless the body's pairs are all in the cache; None: it is served as usual."""
-        if len(self.cache) and self._all_cached(body):
+    def refuse_early(self, overload: Rejected, route: str, body: bytes) -> ApiError | None:
+        """The answer, given ``overload()``, to a whole body of a scoring route (``BODY_PARSERS``) no thread has
+        taken yet (``worker.py``): 429, counted, unless the body's pairs are all in the cache; None: it is
+        served as usual."""
+        if len(self.cache) and self._all_cached(route, body):
             return None
         self._batcher.count_rejected(overload.reason)
         return rejection(overload)
 
-    def _all_cached(self, body: bytes) -> bool:
+    def _all_cached(self, route: str, body: bytes) -> bool:
         try:  # a body that is not valid is left to the usual path, which says what is wrong
-            pairs, _ = parse_predict_body(decode_json(body), self.settings.max_pairs, self.settings.max_address_chars)
+            pairs, _ = BODY_PARSERS[route](decode_json(body), self.settings.max_pairs,
+                                           self.settings.max_address_chars)
         except ApiError:
             return False
         model_id = self.loader.matcher.model_id
@@ -93,6 +97,15 @@ def create_app(settings: Settings | None = None, loader: ModelLoader | None = No
     register_error_handlers(app)
     app.register_blueprint(api)
     app.register_blueprint(health)
+    # An interactive page for /openapi.json, from the pinned flask-swagger-ui package's own files: no
+    # request leaves the host (its validator badge would call validator.swagger.io; it is off).
+    app.register_blueprint(get_swaggerui_blueprint("/docs", "/openapi.json", {
+        "app_name": "mgeo-service API", "validatorUrl": None, "tryItOutEnabled": True}))
+    if settings.cors_origins:  # opt-in: browser pages of these origins may call the scoring routes
+        CORS(app, resources={route: {"origins": list(settings.cors_origins)} for route in BODY_PARSERS},
+             allow_headers=["Content-Type", "Authorization", "X-Request-Timeout-Ms", "X-Request-ID", "traceparent",
+                            "tracestate"],
+             expose_headers=["Retry-After", "X-Request-ID"], methods=["POST"], max_age=600)
 
     metrics.WORKER_STARTS.inc()
     for reason in REJECTION_REASONS:  # every reason exported from the start, so rates and panels read 0

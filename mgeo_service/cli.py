@@ -18,10 +18,39 @@ def _matcher(args, settings):
                    threads=settings.torch_threads or None, fp16=settings.fp16, int8=settings.int8)
 
 
+def _pairs_to_predict(args) -> list[tuple[str, str]]:
+    """The pairs from the command line, or from ``--file`` (``-``: standard input): ``address1<TAB>address2``
+    per line, further columns ignored. A blank address is refused, as the API refuses it."""
+    if args.file is None:
+        if args.address2 is None:
+            raise ValueError("give two addresses, or --file")
+        lines = [(1, [args.address1, args.address2])]
+    elif args.address1 is not None:
+        raise ValueError("give two addresses or --file, not both")
+    else:
+        source = sys.stdin if args.file == "-" else open(args.file, encoding="utf-8")
+        with source:
+            lines = [(n, line.rstrip("\r\n").split("\t")) for n, line in enumerate(source, start=1) if line.strip()]
+    pairs = []
+    for number, fields in lines:
+        where = f"line {number}: " if args.file is not None else ""
+        if len(fields) < 2:
+            raise ValueError(f"{where}expected address1<TAB>address2")
+        if not fields[0].strip() or not fields[1].strip():
+            raise ValueError(f"{where}an address is empty")
+        pairs.append((fields[0], fields[1]))
+    return pairs
+
+
 def _predict(args, settings) -> int:
+    try:
+        pairs = _pairs_to_predict(args)
+    except (OSError, ValueError) as exc:
+        print(f"mgeo-service predict: {exc}", file=sys.stderr)
+        return 2
     matcher = _matcher(args, settings)
-    result = matcher.predict([(args.address1, args.address2)])[0].as_dict()
-    print(json.dumps({**result, "model": matcher.model_id}, ensure_ascii=False))
+    for prediction in matcher.predict(pairs):  # one JSON line per pair, in input order
+        print(json.dumps({**prediction.as_dict(), "model": matcher.model_id}, ensure_ascii=False))
     return 0
 
 
@@ -33,7 +62,7 @@ def _evaluate(args, settings) -> int:
     except (OSError, DatasetError) as exc:
         print(f"mgeo-service evaluate: {exc}", file=sys.stderr)
         return 2
-    print(json.dumps(evaluate(_matcher(args, settings), pairs), ensure_ascii=False))
+    print(json.dumps(evaluate(_matcher(args, settings), pairs, args.predictions), ensure_ascii=False))
     return 0
 
 
@@ -90,9 +119,10 @@ def build_parser() -> argparse.ArgumentParser:
     serve.set_defaults(run=_serve)
 
     model_help = "model directory (default: MGEO_MODEL_DIR, else the shipped default model)"
-    predict = commands.add_parser("predict", help="score one address pair and print JSON")
-    predict.add_argument("address1")
-    predict.add_argument("address2")
+    predict = commands.add_parser("predict", help="score address pairs: one JSON line per pair, in order")
+    predict.add_argument("address1", nargs="?")
+    predict.add_argument("address2", nargs="?")
+    predict.add_argument("--file", help="pairs to score, address1<TAB>address2 per line; - reads standard input")
     predict.add_argument("--model", help=model_help)
     predict.set_defaults(run=_predict)
 
@@ -100,6 +130,8 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("data", help="address1<TAB>address2<TAB>label (0/1/2 or label names)")
     evaluate.add_argument("--model", help=model_help)
     evaluate.add_argument("--batch-size", type=int, default=64)
+    evaluate.add_argument("--predictions", metavar="FILE",
+                          help="write every pair's label, similarity and scores beside its input and truth (TSV)")
     evaluate.set_defaults(run=_evaluate)
 
     export = commands.add_parser("export", help="write the model's ONNX files (float32 and int8) into its directory's "

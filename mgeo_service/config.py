@@ -66,6 +66,14 @@ def _text(text: str) -> str:
     return text
 
 
+def _origins(text: str) -> tuple[str, ...]:
+    origins = tuple(origin.strip() for origin in text.split(",") if origin.strip())
+    for origin in origins:
+        if not re.fullmatch(r"https?://[A-Za-z0-9.-]+(:\d{1,5})?|https?://\[[0-9A-Fa-f:.]+\](:\d{1,5})?", origin):
+            raise ValueError(f"{origin!r} is not an origin: scheme://host[:port], no path, no wildcard")
+    return origins
+
+
 def _setting(default: str, parse: Callable[[str], object], doc: str):
     return {"default": default, "parse": parse, "doc": doc}
 
@@ -116,7 +124,9 @@ SETTINGS = {
     "MGEO_READY_MIN_GPU_FREE_MB": _setting("1024", _integer(0), "free GPU memory readiness needs (CUDA only)"),
     "MGEO_READY_CACHE_SECONDS": _setting("10", _number(0), "how long a readiness result is reused"),
     "MGEO_LOAD_WAIT_SECONDS": _setting("30", _number(0), "how long /predict waits for a loading model before 503"),
-    "MGEO_API_TOKEN": _setting("", _text, "bearer token /predict requires; empty: no token"),
+    "MGEO_CORS_ORIGINS": _setting("", _origins, "comma-separated origins (scheme://host[:port]) whose browser pages "
+                                  "may call /predict and /rank; empty: no CORS headers at all"),
+    "MGEO_API_TOKEN": _setting("", _text, "bearer token /predict and /rank require; empty: no token"),
     "MGEO_LOG_LEVEL": _setting("info", _choice("debug", "info", "warning", "error"), "log level"),
 }
 
@@ -201,6 +211,7 @@ class Settings:
     ready_min_gpu_free_mb: int
     ready_cache_seconds: float
     load_wait_seconds: float
+    cors_origins: tuple[str, ...]
     api_token: str
     log_level: str
     tracing: bool  # from the OTEL_* variables (tracing_enabled), not an MGEO_* setting

@@ -1,6 +1,7 @@
 """Classification figures for a matcher on labelled pairs."""
 from __future__ import annotations
 
+import csv
 import time
 from collections import Counter
 from typing import Sequence
@@ -34,11 +35,24 @@ def classification_report(truth: Sequence[int], predicted: Sequence[int]) -> dic
     }
 
 
-def evaluate(matcher, pairs: Sequence[LabelledPair]) -> dict:
-    """Run the matcher over the pairs and report figures plus throughput."""
+def write_predictions(path: str, pairs: Sequence[LabelledPair], predictions) -> None:
+    """Every pair's answer beside its input and truth, one TSV row each, in input order, for review."""
+    with open(path, "w", encoding="utf-8", newline="") as f:
+        rows = csv.writer(f, delimiter="\t", lineterminator="\n", quoting=csv.QUOTE_NONE, escapechar="\\")
+        rows.writerow(["address1", "address2", "truth", "label", "similarity", *LABELS, "kind"])
+        for pair, prediction in zip(pairs, predictions):
+            rows.writerow([pair.address1, pair.address2, LABELS[pair.label], prediction.label, prediction.similarity,
+                           *(prediction.scores[label] for label in LABELS), pair.kind])
+
+
+def evaluate(matcher, pairs: Sequence[LabelledPair], predictions_file: str | None = None) -> dict:
+    """Run the matcher over the pairs and report figures plus throughput; with ``predictions_file``, every
+    pair's answer too (``write_predictions``)."""
     started = time.perf_counter()
     predictions = matcher.predict([(p.address1, p.address2) for p in pairs])
     seconds = time.perf_counter() - started
+    if predictions_file:
+        write_predictions(predictions_file, pairs, predictions)
     predicted = [LABELS.index(pr.label) for pr in predictions]
     report = classification_report([p.label for p in pairs], predicted)
     total, right = Counter(), Counter()

@@ -32,7 +32,7 @@ QUEUE_DURATION = Histogram(
 QUEUE_PAIRS = Gauge(
     "mgeo_queue_pairs", "Pairs admitted and waiting for their forward to start.", multiprocess_mode="livesum")
 REJECTED_REQUESTS = Counter(
-    "mgeo_rejected_requests", "/predict requests refused before their forward, by reason: overloaded (429), "
+    "mgeo_rejected_requests", "/predict and /rank requests refused before their forward, by reason: overloaded (429), "
     "deadline_exceeded (504), client_gone (the client left).", ["reason"])
 INFERENCE_ERRORS = Counter(
     "mgeo_inference_errors", "Model forwards that failed, by reason.", ["reason"])

@@ -1,4 +1,4 @@
-"""OpenTelemetry traces of ``/predict``: off unless the standard ``OTEL_*`` variables ask for them.
+"""OpenTelemetry traces of ``/predict`` and ``/rank``: off unless the standard ``OTEL_*`` variables ask for them.
 
 Each worker makes its own tracer after the fork (the exporter's thread cannot cross one) and
 exports OTLP/HTTP protobuf in the background (``BatchSpanProcessor``). Spans carry counts and
@@ -17,7 +17,7 @@ from opentelemetry.trace import Link, NoOpTracer, Span, SpanKind, StatusCode, Tr
 from . import __version__
 
 DEFAULT_SERVICE_NAME = "mgeo-service"
-TRACED_ROUTES = frozenset({"/predict"})  # probes and scrapes every few seconds would bury the requests
+TRACED_ROUTES = frozenset({"/predict", "/rank"})  # probes and scrapes every few seconds would bury the requests
 
 
 def make_tracer(enabled: bool) -> Tracer:

@@ -5,7 +5,7 @@ machine: through a thread, Gunicorn's parser and Flask, a 429 costs about 1 ms o
 the one GIL the forwards' Python shares, and it waits for a free thread behind the requests
 that wait for forwards. So while a worker is full (``WorkerState.overload``: it would refuse
 any request it cannot answer from its cache), its main thread answers a new
-connection's ``POST /predict`` itself, as soon as it is accepted: the request read as bytes,
+connection's ``POST /predict`` or ``/rank`` itself, as soon as it is accepted: the request read as bytes,
 ``WorkerState.refuse_early`` asked (the cache still answers its pairs), the 429 written and
 the connection closed. Nothing is parsed beyond the request line and headers (and the body's
 JSON, where the cache holds anything), nothing waits for a thread, and no trace span is made;
@@ -30,16 +30,16 @@ from .errors import ApiError, error_body
 HEAD_BYTES = 16384  # the most request line and headers read here; a larger head goes to a thread
 
 
-def whole_predict_request(data: bytes) -> tuple[dict[bytes, bytes], bytes] | None:
-    """The headers (lower-case names) and body of ``data`` when it is exactly one whole
-    ``POST /predict`` HTTP/1.x request with a Content-Length body; None for anything else."""
+def whole_scoring_request(data: bytes, routes) -> tuple[str, dict[bytes, bytes], bytes] | None:
+    """The route, headers (lower-case names) and body of ``data`` when it is exactly one whole
+    ``POST`` HTTP/1.x request to one of ``routes`` with a Content-Length body; None for anything else."""
     head, separator, body = data.partition(b"\r\n\r\n")
     if not separator:
         return None
     request_line, *lines = head.split(b"\r\n")
     parts = request_line.split(b" ")
-    if (len(parts) != 3 or parts[0] != b"POST" or parts[1].partition(b"?")[0] != b"/predict"
-            or parts[2] not in (b"HTTP/1.0", b"HTTP/1.1")):
+    route = parts[1].partition(b"?")[0].decode("latin-1") if len(parts) == 3 else ""
+    if len(parts) != 3 or parts[0] != b"POST" or route not in routes or parts[2] not in (b"HTTP/1.0", b"HTTP/1.1"):
         return None
     headers = {}
     for line in lines:
@@ -51,7 +51,7 @@ def whole_predict_request(data: bytes) -> tuple[dict[bytes, bytes], bytes] | Non
     length = headers.get(b"content-length", b"")
     if b"transfer-encoding" in headers or not length.isdigit() or int(length) != len(body):
         return None
-    return headers, body
+    return route, headers, body
 
 
 def response_bytes(error: ApiError, request_id: str) -> bytes:
@@ -88,13 +88,14 @@ class SheddingWorker(ThreadWorker):
             data = conn.sock.recv(limit, socket.MSG_PEEK)  # non-blocking: what has arrived
         except OSError:  # nothing yet, or the client already left: a thread deals with it
             return False
-        request = whole_predict_request(data) if len(data) < limit else None
+        # Gunicorn loads this class in the master, where no metric may be made: they are the workers'.
+        from .api import BODY_PARSERS
+        from .observability import record_request, request_id_from
+        request = whole_scoring_request(data, BODY_PARSERS) if len(data) < limit else None
         if request is None:
             return False
-        # Gunicorn loads this class in the master, where no metric may be made: they are the workers'.
-        from .observability import record_request, request_id_from
-        headers, body = request
-        refusal = state.refuse_early(overload, body)
+        route, headers, body = request
+        refusal = state.refuse_early(overload, route, body)
         if refusal is None:
             return False
         request_id = request_id_from(headers.get(b"x-request-id", b"").decode("latin-1"))
@@ -104,6 +105,6 @@ class SheddingWorker(ThreadWorker):
         except OSError:
             pass  # the client left; it was refused all the same
         conn.close()
-        record_request(state.settings.metrics, "POST", "/predict", refusal.status, time.perf_counter() - started,
+        record_request(state.settings.metrics, "POST", route, refusal.status, time.perf_counter() - started,
                        request_id)
         return True

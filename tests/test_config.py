@@ -70,6 +70,7 @@ def test_a_sampling_ratio_outside_0_to_1_stops_start_up(ratio):
     ("MGEO_WORKERS", "zero"), ("MGEO_WORKERS", "0"), ("MGEO_DEVICE", "tpu"), ("MGEO_BIND", "5000"),
     ("MGEO_METRICS_PORT", "70000"), ("MGEO_FP16", "maybe"), ("MGEO_INT8", "2"), ("MGEO_LOG_LEVEL", "loud"),
     ("MGEO_READY_CACHE_SECONDS", "-1"), ("MGEO_MAX_PAIRS", ""), ("MGEO_BACKEND", "tensorrt"),
+    ("MGEO_CORS_ORIGINS", "*"), ("MGEO_CORS_ORIGINS", "http://a.example/path"), ("MGEO_CORS_ORIGINS", "a.example"),
 ])
 def test_bad_values_name_the_variable(name, value):
     with pytest.raises(ConfigError, match=name):

@@ -6,6 +6,7 @@ import sys
 
 import pytest
 
+from mgeo_service.checkpoint import LABELS
 from mgeo_service.dataset import DatasetError, read_pairs
 from mgeo_service.evaluation import classification_report
 
@@ -85,3 +86,45 @@ def test_predict_prints_json():
     assert answer["label"] in ("not_match", "partial_match", "exact_match")
     assert answer["model"].startswith("mgeo-default@")
     assert 0.0 <= answer["similarity"] <= 1.0
+
+
+def test_evaluate_writes_every_pair_s_answer_beside_its_input(tmp_path):
+    predictions = tmp_path / "predictions.tsv"
+    result = run_cli("evaluate", f"{DATA}/contrast_pairs.tsv", "--predictions", str(predictions))
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout)
+    pairs = read_pairs(f"{DATA}/contrast_pairs.tsv")
+    header, *rows = [line.split("\t") for line in predictions.read_text(encoding="utf-8").splitlines()]
+    assert header == ["address1", "address2", "truth", "label", "similarity", "not_match", "partial_match",
+                      "exact_match", "kind"]
+    assert [(r[0], r[1], r[2], r[8]) for r in rows] == [(p.address1, p.address2, LABELS[p.label], p.kind)
+                                                       for p in pairs]
+    confusion = [[0] * 3 for _ in LABELS]
+    for row in rows:
+        confusion[LABELS.index(row[2])][LABELS.index(row[3])] += 1
+        scores = [float(v) for v in row[5:8]]
+        assert row[3] == LABELS[scores.index(max(scores))]
+        assert float(row[4]) == pytest.approx(scores[2] + 0.5 * scores[1], abs=2e-6)
+    assert confusion == report["confusion"]["rows_truth_columns_predicted"]
+
+
+def test_predict_reads_pairs_from_a_file_or_standard_input(tmp_path):
+    pairs = read_pairs(f"{DATA}/address_pairs.tsv")[:5]
+    lines = "".join(f"{p.address1}\t{p.address2}\n" for p in pairs)
+    listed = tmp_path / "pairs.tsv"
+    listed.write_text(lines, encoding="utf-8")
+    from_file = run_cli("predict", "--file", str(listed))
+    from_stdin = subprocess.run([sys.executable, "-m", "mgeo_service", "predict", "--file", "-"], input=lines,
+                                capture_output=True, text=True, timeout=300)
+    assert from_file.returncode == 0 and from_stdin.returncode == 0, from_file.stderr + from_stdin.stderr
+    assert from_file.stdout == from_stdin.stdout
+    answers = [json.loads(line) for line in from_file.stdout.splitlines()]
+    singles = [json.loads(run_cli("predict", p.address1, p.address2).stdout) for p in pairs[:2]]
+    assert len(answers) == 5 and answers[:2] == singles  # in input order, as each pair alone
+
+
+@pytest.mark.parametrize("args", [("", "北京"), ("北京", "  "), ("北京",), ()])
+def test_predict_refuses_a_blank_or_missing_address_as_the_api_does(args):
+    result = run_cli("predict", *args)
+    assert result.returncode == 2 and result.stdout == ""
+    assert "mgeo-service predict:" in result.stderr

@@ -6,7 +6,8 @@ import pytest
 
 from conftest import ROOT
 from mgeo_service.errors import ApiError
-from mgeo_service.worker import response_bytes, whole_predict_request
+from mgeo_service.api import BODY_PARSERS
+from mgeo_service.worker import response_bytes, whole_scoring_request
 
 sys.path.insert(0, ROOT)
 from bench.openloop import parse_response  # noqa: E402
@@ -20,10 +21,12 @@ def request(head: bytes = b"POST /predict HTTP/1.1", *headers: bytes, body: byte
     return b"\r\n".join(lines) + b"\r\n\r\n" + body
 
 
-def test_a_whole_predict_request_gives_its_headers_and_body():
-    headers, body = whole_predict_request(request(b"POST /predict?x=1 HTTP/1.1", b"Content-Length: %d" % len(BODY),
-                                                  b"X-Request-ID: abc-1"))
-    assert body == BODY
+@pytest.mark.parametrize("route", ["/predict", "/rank"])
+def test_a_whole_scoring_request_gives_its_route_headers_and_body(route):
+    route_, headers, body = whole_scoring_request(request(b"POST %s?x=1 HTTP/1.1" % route.encode(),
+                                                          b"Content-Length: %d" % len(BODY), b"X-Request-ID: abc-1"),
+                                                  BODY_PARSERS)
+    assert route_ == route and body == BODY
     assert headers[b"content-length"] == b"%d" % len(BODY) and headers[b"x-request-id"] == b"abc-1"
 
 
@@ -39,12 +42,13 @@ def test_a_whole_predict_request_gives_its_headers_and_body():
     request(b"GET /predict HTTP/1.1", b"Content-Length: %d" % len(BODY)),
     request(b"POST /health/live HTTP/1.1", b"Content-Length: %d" % len(BODY)),
     request(b"POST /predictx HTTP/1.1", b"Content-Length: %d" % len(BODY)),
+    request(b"POST /openapi.json HTTP/1.1", b"Content-Length: %d" % len(BODY)),
     request(b"POST /predict HTTP/2.0", b"Content-Length: %d" % len(BODY)),
     request(b"POST  /predict HTTP/1.1", b"Content-Length: %d" % len(BODY)),
     b"POST /predict HTTP/1.1\r\nContent-Length: 2\r\n",  # the head has not ended
 ])
-def test_anything_but_one_whole_plain_predict_request_is_left_to_a_thread(raw):
-    assert whole_predict_request(raw) is None
+def test_anything_but_one_whole_plain_scoring_request_is_left_to_a_thread(raw):
+    assert whole_scoring_request(raw, BODY_PARSERS) is None
 
 
 def test_the_refusal_is_a_complete_http_answer_that_closes_the_connection():
