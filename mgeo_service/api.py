@@ -12,6 +12,7 @@ from __future__ import annotations
 import hmac
 import json
 import os
+import re
 import socket
 
 from flask import Blueprint, current_app, g, request
@@ -27,6 +28,8 @@ from .loader import READY
 ADDRESS_FIELDS = ("address1", "address2")
 RANK_FIELDS, CANDIDATE_FIELDS = {"query", "candidates", "top_n"}, {"address", "id"}
 TIMEOUT_HEADER = "X-Request-Timeout-Ms"  # a client's own deadline, in milliseconds; it may only shorten the default
+# ASCII digits, >= 1, any length (it is capped), spaces or tabs around: openapi.json gives the same pattern.
+TIMEOUT_PATTERN = re.compile(r"[ \t]*0*[1-9][0-9]*[ \t]*")
 with open(os.path.join(os.path.dirname(__file__), "openapi.json"), encoding="utf-8") as _spec:
     OPENAPI = json.load(_spec)  # the API's description, served at /openapi.json and kept true by tests
 
@@ -53,6 +56,10 @@ def read_json_body(max_bytes: int):
     mimetype = request.mimetype
     if mimetype != "application/json" and not (mimetype.startswith("application/") and mimetype.endswith("+json")):
         raise ApiError(415, "unsupported_media_type", "Content-Type must be application/json")
+    if request.headers.get("Content-Encoding", "identity").strip().lower() != "identity":
+        raise ApiError(415, "unsupported_media_type",
+                       "Content-Encoding is not supported: send the body uncompressed (it is at most "
+                       f"{max_bytes} bytes)")
     if request.content_length is not None and request.content_length > max_bytes:
         raise ApiError(413, "payload_too_large", f"body is larger than {max_bytes} bytes")
     try:
@@ -163,7 +170,7 @@ def request_deadline(started: float, default_ms: int) -> float:
     header = request.headers.get(TIMEOUT_HEADER)
     if header is None:
         return started + default_ms / 1000
-    if not header.strip().isdigit() or int(header) < 1:
+    if not TIMEOUT_PATTERN.fullmatch(header):
         raise ApiError(400, "invalid_header", f"{TIMEOUT_HEADER} must be a whole number of milliseconds >= 1")
     return started + min(int(header), default_ms) / 1000
 

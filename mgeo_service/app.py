@@ -15,7 +15,7 @@ from flask_swagger_ui import get_swaggerui_blueprint
 
 from . import logs, metrics, tracing
 from .api import BODY_PARSERS, api, decode_json, rejection
-from .batcher import REJECTION_REASONS, MicroBatcher, Rejected
+from .batcher import FAILURE_REASONS, REJECTION_REASONS, MicroBatcher, Rejected
 from .cache import ResultCache, pair_key
 from .config import Settings, load_settings
 from .errors import ApiError, register_error_handlers
@@ -23,7 +23,7 @@ from .health import health
 from .loader import READY, ModelLoader
 from .matcher import Matcher
 from .observability import register_request_hooks
-from .readiness import Readiness
+from .readiness import REASONS as NOT_READY_REASONS, Readiness
 
 
 class WorkerState:
@@ -108,8 +108,14 @@ def create_app(settings: Settings | None = None, loader: ModelLoader | None = No
              expose_headers=["Retry-After", "X-Request-ID"], methods=["POST"], max_age=600)
 
     metrics.WORKER_STARTS.inc()
-    for reason in REJECTION_REASONS:  # every reason exported from the start, so rates and panels read 0
+    # Every reason of every counter of refusals and failures exported from the start, so rates and panels read 0
+    # (a counter that appears only at its first failure has no rate then, and alerts on it wait a scrape longer).
+    for reason in REJECTION_REASONS:
         metrics.REJECTED_REQUESTS.labels(reason)
+    for reason in FAILURE_REASONS:
+        metrics.INFERENCE_ERRORS.labels(reason)
+    for reason in NOT_READY_REASONS[1:]:  # model_loading is never counted as a failure
+        metrics.READINESS_FAILURES.labels(reason)
 
     def on_loaded():
         state.loader.wait()

@@ -47,6 +47,7 @@ log = logging.getLogger(__name__)
 Encoded = tuple[list[int], list[int]]
 QUEUED, RUNNING, DROPPED = "queued", "running", "dropped"
 REJECTION_REASONS = ("overloaded", "deadline_exceeded", "client_gone")
+FAILURE_REASONS = ("out_of_memory", "runtime_error", "internal_error")  # failure_reason's answers
 
 
 class InferenceError(Exception):
@@ -67,6 +68,7 @@ class Rejected(Exception):
 
 
 def failure_reason(exc: BaseException) -> str:
+    """One of ``FAILURE_REASONS``."""
     if isinstance(exc, torch.OutOfMemoryError) or "out of memory" in str(exc).lower():
         return "out_of_memory"
     return "runtime_error" if isinstance(exc, RuntimeError) else "internal_error"

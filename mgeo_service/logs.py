@@ -15,4 +15,5 @@ def configure(level: str) -> None:
         handler.setFormatter(logging.Formatter("%(message)s"))
         access.addHandler(handler)
         access.propagate = False
-        access.setLevel(logging.INFO)
+    # Access lines are INFO: MGEO_LOG_LEVEL=warning or error turns them off with the rest.
+    access.setLevel(level.upper())

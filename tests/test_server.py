@@ -8,6 +8,8 @@ import urllib.request
 import pytest
 
 from conftest import ROOT, http
+from mgeo_service.batcher import FAILURE_REASONS
+from mgeo_service.readiness import REASONS
 
 PAIR = {"address1": "北京市海淀区中关村大街1号", "address2": "北京海淀中关村街1号"}
 FAKE_GPU = {"gpus": [{"name": "NVIDIA H100", "uuid": "GPU-aaa", "util": 50, "used": 2 << 30, "total": 80 << 30,
@@ -71,7 +73,9 @@ def test_service_metrics_and_worker_replacement(service_factory):
     assert {k: dict(next(iter(info)))[k] for k in ("device", "model", "backend", "precision", "note")} == \
         {"device": "cpu", "model": "mgeo-default", "backend": "onnxruntime", "precision": "float32", "note": ""}
     assert samples[("mgeo_worker_starts_total", ())] == 2
-    assert counters(samples, "mgeo_readiness_failures_total") == {}
+    # every reason exported from the start, at 0
+    assert counters(samples, "mgeo_readiness_failures_total") == {(("reason", r),): 0.0 for r in REASONS[1:]}
+    assert counters(samples, "mgeo_inference_errors_total") == {(("reason", r),): 0.0 for r in FAILURE_REASONS}
     assert samples[("mgeo_nvml_up", ())] == 1
     gpu = (("gpu", "0"), ("name", "NVIDIA H100"), ("uuid", "GPU-aaa"))
     assert samples[("nvidia_gpu_memory_total_bytes", gpu)] == 80 << 30
