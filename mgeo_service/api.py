@@ -146,8 +146,11 @@ def parse_rank_body(data, max_pairs: int, max_chars: int) -> tuple[list[tuple[st
     if len(candidates) > max_pairs:
         raise ApiError(400, "too_many_pairs", f"at most {max_pairs} candidates per request, got {len(candidates)}")
     top_n = data.get("top_n")
-    if top_n is not None and (type(top_n) is not int or top_n < 1):
-        raise ApiError(400, "invalid_request", "'top_n' must be a whole number >= 1")
+    if top_n is not None:
+        # JSON has no integer type: 3.0 is the whole number 3 (JSON Schema's "integer" agrees)
+        if isinstance(top_n, bool) or not isinstance(top_n, (int, float)) or top_n != int(top_n) or top_n < 1:
+            raise ApiError(400, "invalid_request", "'top_n' must be a whole number >= 1")
+        top_n = int(top_n)
     pairs, ids = [], []
     for i, candidate in enumerate(candidates):
         where = f"candidates[{i}]"

@@ -1,6 +1,5 @@
 """The Python client against the real service: chunks in order, ranks, raises the server's errors, and gets a
 long list through a worker that is shedding load, every pair answered once."""
-import json
 import threading
 
 import pytest
@@ -10,13 +9,15 @@ from mgeo_service.client import ApiError, Client
 from mgeo_service.dataset import read_pairs
 
 PAIRS = [(p.address1, p.address2) for p in read_pairs(f"{DATA}/address_pairs.tsv")]
+MANY = (PAIRS * 16)[:1000]  # the 66 real pairs over and over: a long list
 
 
 @pytest.fixture(scope="module")
 def service(tmp_path_factory):
     from conftest import Service
+    # The other client's requests below ask for 10 s deadlines: the server's cap must allow them.
     service = Service(tmp_path_factory.mktemp("client"), MGEO_WORKERS="1", MGEO_CACHE_SIZE="0",
-                      MGEO_API_TOKEN="t0ken").start()
+                      MGEO_API_TOKEN="t0ken", MGEO_REQUEST_TIMEOUT_MS="10000").start()
     yield service.wait_ready(120)
     service.stop()
 
@@ -69,26 +70,25 @@ def test_a_long_list_gets_through_a_shedding_worker_each_pair_answered_once_in_o
 
     def other_client():
         for start in range(0, 5 * 64, 64):
-            body = {"pairs": [{"address1": a, "address2": b} for a, b in PAIRS[start:start + 64]]}
+            body = {"pairs": [{"address1": a, "address2": b} for a, b in MANY[start:start + 64]]}
             status, _, _ = http("POST", service.url + "/predict", body,
                                 {"Authorization": "Bearer t0ken", "X-Request-Timeout-Ms": "10000"}, timeout=60)
             with lock:
-                answered.append(64 if status == 200 else 0)
+                answered.append(len(body["pairs"]) if status == 200 else 0)
 
     others = [threading.Thread(target=other_client) for _ in range(8)]
     for thread in others:
         thread.start()
     service.wait_until(lambda: (service.metric("mgeo_requests_inprogress", method="POST", endpoint="/predict") or 0)
                        >= 6, 60, "the other client's requests in progress")
-    wanted = (PAIRS * 5)[:1000]
     client = Client(service.url, token="t0ken", timeout_ms=600, max_pairs=16, max_wait=300)
-    results = client.predict(wanted)
+    results = client.predict(MANY)
     for thread in others:
         thread.join(120)
 
     assert client.retries >= 1  # the client was refused, and retried
     assert service.metric("mgeo_rejected_requests_total", reason="overloaded") > rejected
-    assert results == [expected[pair] for pair in wanted]  # every pair, in order
+    assert results == [expected[pair] for pair in MANY]  # every pair, in order
     scored = sum(v for (name, _), v in service.scrape().items() if name == "mgeo_pairs_total") - pairs_total
-    assert scored == len(wanted) + sum(answered)  # none scored twice: refusals computed nothing
-    assert json.dumps(results, ensure_ascii=False).count('"label"') == len(wanted)
+    assert len(answered) == 40 and sum(answered) > 0
+    assert scored == len(MANY) + sum(answered)  # none scored twice: refusals computed nothing
