@@ -104,12 +104,26 @@ def _address(item: dict, name: str, where: str, max_chars: int) -> str:
     return value
 
 
+def _only_fields(item: dict, allowed, where: str) -> None:
+    unknown = sorted(set(item) - set(allowed))
+    if unknown:
+        raise ApiError(400, "invalid_request", f"unknown field(s) in {where}: {', '.join(unknown)[:200]}")
+
+
+def _items(data: dict, name: str, max_pairs: int) -> list:
+    """``data[name]``: a list of 1 to ``max_pairs`` items."""
+    items = data[name]
+    if not isinstance(items, list) or not items:
+        raise ApiError(400, "invalid_request", f"'{name}' must be a non-empty array")
+    if len(items) > max_pairs:
+        raise ApiError(400, "too_many_pairs", f"at most {max_pairs} {name} per request, got {len(items)}")
+    return items
+
+
 def _pair(item, where: str, max_chars: int) -> tuple[str, str]:
     if not isinstance(item, dict):
         raise ApiError(400, "invalid_request", f"{where or 'body'} must be a JSON object")
-    unknown = sorted(set(item) - set(ADDRESS_FIELDS))
-    if unknown:
-        raise ApiError(400, "invalid_request", f"unknown field(s) in {where or 'body'}: {', '.join(unknown)[:200]}")
+    _only_fields(item, ADDRESS_FIELDS, where or "body")
     return tuple(_address(item, name, where and where + ".", max_chars) for name in ADDRESS_FIELDS)
 
 
@@ -118,11 +132,7 @@ def parse_predict_body(data, max_pairs: int, max_chars: int) -> tuple[list[tuple
     if isinstance(data, dict) and "pairs" in data:
         if set(data) != {"pairs"}:
             raise ApiError(400, "invalid_request", "a batch body has only the field 'pairs'")
-        pairs = data["pairs"]
-        if not isinstance(pairs, list) or not pairs:
-            raise ApiError(400, "invalid_request", "'pairs' must be a non-empty array")
-        if len(pairs) > max_pairs:
-            raise ApiError(400, "too_many_pairs", f"at most {max_pairs} pairs per request, got {len(pairs)}")
+        pairs = _items(data, "pairs", max_pairs)
         return [_pair(item, f"pairs[{i}]", max_chars) for i, item in enumerate(pairs)], True
     if not isinstance(data, dict):
         raise ApiError(400, "invalid_request", "body must be a JSON object with address1 and address2, or pairs")
@@ -134,30 +144,23 @@ def parse_rank_body(data, max_pairs: int, max_chars: int) -> tuple[list[tuple[st
     top_n)."""
     if not isinstance(data, dict):
         raise ApiError(400, "invalid_request", "body must be a JSON object with query and candidates")
-    unknown = sorted(set(data) - RANK_FIELDS)
-    if unknown:
-        raise ApiError(400, "invalid_request", f"unknown field(s) in body: {', '.join(unknown)[:200]}")
+    _only_fields(data, RANK_FIELDS, "body")
     query = _address(data, "query", "", max_chars)
     if "candidates" not in data:
         raise ApiError(400, "missing_field", "candidates is missing")
-    candidates = data["candidates"]
-    if not isinstance(candidates, list) or not candidates:
-        raise ApiError(400, "invalid_request", "'candidates' must be a non-empty array")
-    if len(candidates) > max_pairs:
-        raise ApiError(400, "too_many_pairs", f"at most {max_pairs} candidates per request, got {len(candidates)}")
+    candidates = _items(data, "candidates", max_pairs)
     top_n = data.get("top_n")
     if top_n is not None:
         # JSON has no integer type: 3.0 is the whole number 3 (JSON Schema's "integer" agrees)
-        if isinstance(top_n, bool) or not isinstance(top_n, (int, float)) or top_n != int(top_n) or top_n < 1:
+        whole = isinstance(top_n, int) or isinstance(top_n, float) and top_n.is_integer()  # 1e400 is inf: not
+        if isinstance(top_n, bool) or not whole or top_n < 1:
             raise ApiError(400, "invalid_request", "'top_n' must be a whole number >= 1")
         top_n = int(top_n)
     pairs, ids = [], []
     for i, candidate in enumerate(candidates):
         where = f"candidates[{i}]"
         if isinstance(candidate, dict):
-            unknown = sorted(set(candidate) - CANDIDATE_FIELDS)
-            if unknown:
-                raise ApiError(400, "invalid_request", f"unknown field(s) in {where}: {', '.join(unknown)[:200]}")
+            _only_fields(candidate, CANDIDATE_FIELDS, where)
             if isinstance(candidate.get("id"), (dict, list)):
                 raise ApiError(400, "invalid_request", f"{where}.id must be a string, number, boolean or null")
             pairs.append((query, _address(candidate, "address", where + ".", max_chars)))

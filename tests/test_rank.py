@@ -18,7 +18,8 @@ def client():
 
 
 def rank(client, body, **kwargs):
-    return client.post("/rank", data=json.dumps(body), content_type="application/json", **kwargs)
+    data = body if isinstance(body, bytes) else json.dumps(body)
+    return client.post("/rank", data=data, content_type="application/json", **kwargs)
 
 
 @pytest.mark.parametrize("query", QUERIES)
@@ -52,6 +53,7 @@ def test_ids_round_trip_as_given_and_top_n_cuts(client):
             assert "id" not in result
     top = rank(client, {"query": QUERIES[0], "candidates": candidates, "top_n": 3}).get_json()["results"]
     assert top == full[:3]
+    assert rank(client, {"query": QUERIES[0], "candidates": candidates, "top_n": 3.0}).get_json()["results"] == top
     assert rank(client, {"query": QUERIES[0], "candidates": candidates, "top_n": 100}).get_json()["results"] == full
 
 
@@ -76,6 +78,8 @@ def test_the_same_candidate_twice_ranks_by_position(client):
     ({"query": QUERIES[0], "candidates": CANDIDATES, "top_n": 0}, "invalid_request"),
     ({"query": QUERIES[0], "candidates": CANDIDATES, "top_n": "3"}, "invalid_request"),
     ({"query": QUERIES[0], "candidates": CANDIDATES, "top_n": True}, "invalid_request"),
+    ({"query": QUERIES[0], "candidates": CANDIDATES, "top_n": 2.5}, "invalid_request"),
+    (b'{"query": "\\u5317", "candidates": ["\\u5317"], "top_n": 1e400}', "invalid_request"),
     ({"query": QUERIES[0], "candidates": CANDIDATES, "extra": 1}, "invalid_request"),
     ({"query": "北" * 1001, "candidates": CANDIDATES}, "address_too_long"),
     ([QUERIES[0]], "invalid_request"),
