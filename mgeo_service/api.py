@@ -139,7 +139,8 @@ def parse_predict_body(data, max_pairs: int, max_chars: int) -> tuple[list[tuple
     return [_pair(data, "", max_chars)], False
 
 
-def parse_rank_body(data, max_pairs: int, max_chars: int) -> tuple[list[tuple[str, str]], tuple[list[dict], int | None]]:
+def parse_rank_body(data, max_pairs: int, max_chars: int) -> tuple[list[tuple[str, str]],
+                                                                  tuple[list[dict], int | None]]:
     """The pairs (query, candidate) asked for, and (per candidate ``{"id": ...}`` when it gave one, else ``{}``;
     top_n)."""
     if not isinstance(data, dict):

@@ -2,7 +2,7 @@
 
     from mgeo_service.client import Client
     client = Client("http://127.0.0.1:5000", token=None, timeout_ms=500)
-    client.predict([("北京市海淀区中关村大街1号", "北京海淀中关村大街1号"), ...])   # any number of pairs, in order
+    client.predict([("北京市海淀区中关村大街1号", "北京海淀中关村大街1号"), ...])   # any number, in order
     client.rank("北京市海淀区中关村大街1号", ["中关村大街1号", {"address": "...", "id": 7}], top_n=3)
 
 What every caller would otherwise write: lists longer than the server's limit sent in chunks of
