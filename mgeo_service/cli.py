@@ -70,7 +70,6 @@ def _export(args, settings) -> int:
     from .checkpoint import CheckpointError, load_checkpoint
     from .engines.onnx_export import FLOAT_FILE, INT8_FILE, SHIPPED_FOLDER, export
     from .matcher import DEFAULT_MODEL_DIR
-    folder = None
     try:
         checkpoint = load_checkpoint(args.model or settings.model_dir or DEFAULT_MODEL_DIR)
         folder = os.path.join(checkpoint.directory, SHIPPED_FOLDER)

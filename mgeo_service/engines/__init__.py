@@ -17,7 +17,6 @@ import torch
 from ..checkpoint import Checkpoint
 
 Encoded = tuple[list[int], list[int]]  # one pair's token ids and token types
-BACKENDS = ("auto", "onnxruntime", "torch")
 
 
 class Engine(Protocol):

@@ -15,7 +15,7 @@ used only for that checkpoint. They are looked for in two places:
 
 The export: transformers' own forward (eager attention) traced by ``torch.onnx.export``, then
 ONNX Runtime's BERT optimiser fuses embeddings, attention, GELU and layer norms into single
-operators (the fused graph is what makes ONNX Runtime faster than torch on a CPU). int8 is
+operators (unfused, ONNX Runtime would dispatch them as torch does, op by op). int8 is
 ONNX Runtime's dynamic quantisation of that graph (``INT8_OPTIONS``, chosen by measurement in
 docs/configuration.md). Weights that are exactly float16 values (the default model's) are
 stored as float16 and cast back at load, which halves the file and changes no result.
