@@ -603,7 +603,8 @@ def main() -> int:
         process, url, metrics_url, _, ready = serve(env)
         ready_times.append(ready)
         try:
-            result = single_pairs_with_probes(url, args.seconds, args.connections, repeat_share)
+            # after the warm-up's abandoned requests are answered: they would count against admission
+            result = single_pairs_with_probes(url, args.seconds, args.connections, repeat_share, metrics_url)
             if repeat_share:
                 samples = scrape(metrics_url)
                 hits, misses = (samples[f'mgeo_cache_requests_total{{result="{r}"}}'] for r in ("hit", "miss"))
