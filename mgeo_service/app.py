@@ -23,7 +23,7 @@ from .health import health
 from .loader import READY, ModelLoader
 from .matcher import Matcher
 from .observability import register_request_hooks
-from .readiness import REASONS as NOT_READY_REASONS, Readiness
+from .readiness import FAILURE_REASONS as READINESS_FAILURE_REASONS, Readiness
 
 
 class WorkerState:
@@ -114,7 +114,7 @@ def create_app(settings: Settings | None = None, loader: ModelLoader | None = No
         metrics.REJECTED_REQUESTS.labels(reason)
     for reason in FAILURE_REASONS:
         metrics.INFERENCE_ERRORS.labels(reason)
-    for reason in NOT_READY_REASONS[1:]:  # model_loading is never counted as a failure
+    for reason in READINESS_FAILURE_REASONS:
         metrics.READINESS_FAILURES.labels(reason)
 
     def on_loaded():

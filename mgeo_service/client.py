@@ -89,17 +89,18 @@ class Client:
         if connection is None:
             kind = http.client.HTTPSConnection if self._https else http.client.HTTPConnection
             connection = self._local.connection = kind(self._host, self._port, timeout=self.max_wait)
-        try:
-            connection.request("POST", self._base + path, payload, headers)
-            response = connection.getresponse()
-            raw = response.read()
-        except (http.client.RemoteDisconnected, ConnectionResetError, BrokenPipeError):
-            # A kept-alive connection the server closed (its idle timeout, a refusal that closes) before this
-            # request reached it: sent again once on a new connection.
-            connection.close()
-            connection.request("POST", self._base + path, payload, headers)
-            response = connection.getresponse()
-            raw = response.read()
+        for attempt in range(2):
+            try:
+                connection.request("POST", self._base + path, payload, headers)
+                response = connection.getresponse()
+                raw = response.read()
+                break
+            except (http.client.RemoteDisconnected, ConnectionResetError, BrokenPipeError):
+                # A kept-alive connection the server closed (its idle timeout, a refusal that closes) before
+                # this request reached it: sent again once, on a new connection (scoring is idempotent).
+                connection.close()
+                if attempt:
+                    raise
         retry_after = response.getheader("Retry-After")
         try:
             answer = json.loads(raw.decode("utf-8"))

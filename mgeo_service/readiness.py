@@ -17,6 +17,8 @@ PROBE_PAIR = ("北京", "北京市")
 # Every reason a readiness check can give; docs/api.md "Health" and the MGeoReadinessFailing alert know them.
 REASONS = ("model_loading", "model_load_failed", "tokenizer_failed", "model_forward_failed", "cuda_unavailable",
            "insufficient_gpu_memory")
+# The ones mgeo_readiness_failures_total counts: a model still loading has not failed.
+FAILURE_REASONS = tuple(reason for reason in REASONS if reason != "model_loading")
 
 
 @dataclass(frozen=True)
@@ -63,7 +65,7 @@ class Readiness:
         metrics.MODEL_READY.set(1 if result.ready else 0)
         for reason in REASONS:  # this worker's one current reason is 1, the others 0
             metrics.WORKERS_NOT_READY.labels(reason).set(1 if result.reason == reason else 0)
-        if not result.ready and result.reason != "model_loading":
+        if result.reason in FAILURE_REASONS:
             metrics.READINESS_FAILURES.labels(result.reason).inc()
 
     def _check(self) -> ReadinessResult:

@@ -9,7 +9,7 @@ import pytest
 
 from conftest import ROOT, http
 from mgeo_service.batcher import FAILURE_REASONS
-from mgeo_service.readiness import REASONS
+from mgeo_service.readiness import FAILURE_REASONS as READINESS_FAILURE_REASONS
 
 PAIR = {"address1": "北京市海淀区中关村大街1号", "address2": "北京海淀中关村街1号"}
 FAKE_GPU = {"gpus": [{"name": "NVIDIA H100", "uuid": "GPU-aaa", "util": 50, "used": 2 << 30, "total": 80 << 30,
@@ -74,7 +74,8 @@ def test_service_metrics_and_worker_replacement(service_factory):
         {"device": "cpu", "model": "mgeo-default", "backend": "onnxruntime", "precision": "float32", "note": ""}
     assert samples[("mgeo_worker_starts_total", ())] == 2
     # every reason exported from the start, at 0
-    assert counters(samples, "mgeo_readiness_failures_total") == {(("reason", r),): 0.0 for r in REASONS[1:]}
+    assert counters(samples, "mgeo_readiness_failures_total") == \
+        {(("reason", r),): 0.0 for r in READINESS_FAILURE_REASONS}
     assert counters(samples, "mgeo_inference_errors_total") == {(("reason", r),): 0.0 for r in FAILURE_REASONS}
     assert samples[("mgeo_nvml_up", ())] == 1
     gpu = (("gpu", "0"), ("name", "NVIDIA H100"), ("uuid", "GPU-aaa"))

@@ -1,6 +1,6 @@
 """The torch engine: a padding-free forward for a BERT cross-encoder, the pairs' tokens packed into
-one sequence. It serves CUDA (float32 or float16), and a CPU only when ``MGEO_BACKEND=torch``: there
-ONNX Runtime is faster (``ort.py``).
+one sequence. It serves CUDA (float32 or float16), and a CPU only when ``MGEO_BACKEND=torch``: a CPU's
+forwards are ONNX Runtime's (``ort.py``).
 
 Address pairs differ in length (10 to 100+ tokens), and a padded batch spends most of its
 work on padding unless it is sorted across many requests. Almost all of a BERT's work is in
@@ -55,8 +55,7 @@ def _encode_layers(hidden: torch.Tensor, slots: torch.Tensor, padded_size: int,
             context[start:start + count * longest] = out.transpose(1, 2).reshape(count * longest, width)
         attended = torch.nn.functional.linear(context[slots], w[2], w[3]) + hidden
         hidden = torch.nn.functional.layer_norm(attended, [width], w[4], w[5], eps)
-        intermediate = torch.nn.functional.gelu(torch.nn.functional.linear(hidden, w[6], w[7]),
-                                                     approximate=gelu)
+        intermediate = torch.nn.functional.gelu(torch.nn.functional.linear(hidden, w[6], w[7]), approximate=gelu)
         hidden = torch.nn.functional.layer_norm(torch.nn.functional.linear(intermediate, w[8], w[9]) + hidden,
                                                 [width], w[10], w[11], eps)
     return hidden
