@@ -160,7 +160,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--threads", type=int, default=None)
     train.add_argument("--shenzhen", type=int, default=12000,
                        help="train on this many Shenzhen pairs (same place as exact_match; 0: none)")
-    train.add_argument("--contrast", type=int, default=6000, help="train on this many generated contrast pairs")
+    train.add_argument("--contrast", type=int, default=9000, help="train on this many generated contrast pairs")
     train.add_argument("--unlabelled", type=int, default=2000,
                        help="distil on this many pairs that only the teacher labels")
     train.add_argument("--alpha", type=float, default=0.8,

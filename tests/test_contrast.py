@@ -92,3 +92,22 @@ def test_hanzi_numbers(number, text):
 
 def test_full_width_digits():
     assert full_width("A12号") == "A１２号"
+
+
+def test_number_kinds_change_one_number_or_write_it_another_way(gazetteer):
+    generator = ContrastGenerator(gazetteer, ADDRESSES, seed=1)
+    parsed = gazetteer.parse("北京市朝阳区建国路88号")
+    for _ in range(20):
+        other = generator.house_digits(parsed)
+        number = other.removeprefix("北京市朝阳区建国路").removesuffix("号")
+        assert number != "88" and ("88" in number or number == "8"), other  # a digit added or removed
+        original, changed = generator.other_floor(parsed)  # a floor added to both, another in the copy
+        assert original.startswith(parsed.address) and changed.startswith(parsed.address) and original != changed
+        original, changed = generator.detail_forms(parsed)
+        assert original != changed and original.startswith(parsed.address)
+    with_room = gazetteer.parse("北京市朝阳区建国路88号1001室")
+    original, changed = generator.other_room(with_room)
+    assert original == with_room.address and changed != original and changed.endswith("室")
+    assert generator.detail_forms(with_room) is None  # has a detail already
+    assert {KINDS[k] for k in ("other_room", "other_floor", "other_building", "other_unit")} == {1}
+    assert (KINDS["house_digits"], KINDS["detail_forms"]) == (0, 2)

@@ -1,7 +1,7 @@
 """The leave-a-part-out audit of the CCKS data: which span one address adds to the other, and what it is."""
 import pytest
 
-from mgeo_service.train.leave_out import KINDS, left_out, part_kind
+from mgeo_service.train.leave_out import KINDS, left_out, number_change, part_kind
 
 DIVISIONS = ("江苏省", "江苏", "南京市", "南京")
 
@@ -28,3 +28,11 @@ def test_the_span_left_out_and_its_kind(longer, shorter, span, kind):
 ])
 def test_pairs_that_are_not_one_span_apart_do_not_count(longer, shorter):
     assert left_out(longer, shorter) is None
+
+
+@pytest.mark.parametrize("first, second, change", [
+    ("1", "1", "same"), ("1", "11", "digits added or removed"), ("900", "90", "digits added or removed"),
+    ("12", "13", "other"),
+])
+def test_how_one_number_differs(first, second, change):
+    assert number_change(first, second) == change

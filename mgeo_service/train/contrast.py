@@ -16,6 +16,19 @@ partial_match add_detail: a building, floor, room or shop added (CCKS labels suc
               partial: of its pairs where one address extends the other, 276 are partial,
               161 not_match, 72 exact)
 
+The numbers inside an address (``leave_out.py``'s second table: CCKS pairs that share a
+road and differ in one numbered part):
+
+not_match     house_digits (a digit added or removed: 1号 / 11号, 90号 / 900号; CCKS splits its
+              21 such pairs 9 not_match, 9 partial, 3 exact, so other_number's label decides:
+              the two numbers are two houses)
+partial_match other_room, other_floor, other_building, other_unit (the same building or
+              compound, another part of it: CCKS labels another building on the same road
+              partial in 24 of 27 pairs, another floor 8 of 10), made on a detail the address
+              has or, without one, on a detail added to both
+exact_match   detail_forms: the same detail written another way (5楼 / 5层 / 5F / 五楼, 3号楼 /
+              3栋, full-width digits)
+
 same_name_other_city is drawn twice as often as the others (``SHARES``): only about one
 address in six has a district whose name another city shares, and it is the change a
 character-overlap model misses most.
@@ -38,6 +51,8 @@ KINDS = {
     "other_district": NOT_MATCH, "same_name_other_city": NOT_MATCH, "other_number": NOT_MATCH,
     "other_road": NOT_MATCH, "drop_province_city": EXACT_MATCH, "drop_suffixes": EXACT_MATCH,
     "drop_street": EXACT_MATCH, "number_forms": EXACT_MATCH, "spacing": EXACT_MATCH, "add_detail": PARTIAL_MATCH,
+    "house_digits": NOT_MATCH, "other_room": PARTIAL_MATCH, "other_floor": PARTIAL_MATCH,
+    "other_building": PARTIAL_MATCH, "other_unit": PARTIAL_MATCH, "detail_forms": EXACT_MATCH,
 }
 SHARES = {**{kind: 1 for kind in KINDS}, "same_name_other_city": 2}
 # The province-level cities: their districts sit under the province's own name (北京市朝阳区).
@@ -47,6 +62,13 @@ _AREA_SUFFIXES = ("区", "县", "市")
 _NUMBER = re.compile(r"(?<![\d-])(\d{1,4})号")
 _ROAD = re.compile(r"[\u4e00-\u9fff]{2,6}?(?:大道|大街|路|街)")
 _DETAIL = re.compile(r"[室层楼栋座铺]|单元")
+# A numbered part of a building: (pattern of the number and its unit, how to write a made-up one).
+_PARTS = {
+    "room": (re.compile(r"(?<!\d)(\d{3,4})(室|房)"), lambda n: f"{n}室"),
+    "floor": (re.compile(r"(?<!\d)(\d{1,2})(楼|层|F)(?!\d)"), lambda n: f"{n}楼"),
+    "building": (re.compile(r"(?<!\d)(\d{1,2})(号楼|栋|幢)"), lambda n: f"{n}栋"),
+    "unit": (re.compile(r"(?<!\d)(\d{1,2})(单元)"), lambda n: f"{n}单元"),
+}
 _DIGITS = "零一二三四五六七八九"
 
 
@@ -216,7 +238,9 @@ class ContrastGenerator:
         self.rng.shuffle(order)
         for index in order:
             parsed = self.parsed[index]
-            original, changed = parsed.address, getattr(self, kind)(parsed)
+            changed = getattr(self, kind)(parsed)
+            # A kind that adds a detail to both addresses returns the pair.
+            original, changed = changed if isinstance(changed, tuple) else (parsed.address, changed)
             if not changed or changed == original or (original, changed) in seen:
                 continue
             seen.add((original, changed))
@@ -307,3 +331,60 @@ class ContrastGenerator:
                              f"{rng.randint(1, 6)}单元{rng.randint(1, 20)}0{rng.randint(1, 4)}",
                              f"{rng.randint(1, 5)}层{rng.randint(101, 150)}号铺"])
         return p.address + detail
+
+    def house_digits(self, p: Parsed) -> str | None:
+        """A digit added to or removed from the house number: 1号 / 11号, 90号 / 900号, 100号 / 10号."""
+        match = _NUMBER.search(p.rest)
+        if not match:
+            return None
+        digits, rng = match.group(1), self.rng
+        forms = [digits + rng.choice([digits[-1], "0", str(rng.randint(1, 9))]), str(rng.randint(1, 9)) + digits]
+        if len(digits) > 1:
+            forms += [digits[:-1], digits[1:].lstrip("0")]
+        other = rng.choice([f for f in forms if f and f != digits and len(f) <= 4])
+        start = p.area_span[1] + match.start(1)
+        return p.address[:start] + other + p.address[start + len(digits):]
+
+    def _other_part(self, p: Parsed, part: str) -> tuple[str, str] | None:
+        """The address and a copy with another number in one part, on the part it has or one added to both."""
+        pattern, write = _PARTS[part]
+        match = pattern.search(p.rest)
+        rng = self.rng
+        if match:
+            n = int(match.group(1))
+            other = n + rng.choice([-1, 1]) * rng.randint(1, 3) if part != "room" else n + rng.choice([-1, 1, 100, -100])
+            if other < 1:
+                other = n + 1
+            start = p.area_span[1] + match.start(1)
+            return p.address, p.address[:start] + str(other) + p.address[start + len(match.group(1)):]
+        if _DETAIL.search(p.rest):
+            return None
+        n = rng.randint(1, 20) if part != "room" else rng.randint(1, 30) * 100 + rng.randint(1, 12)
+        other = n + 1 if part != "room" else n + rng.choice([1, 2, 100])
+        return p.address + write(n), p.address + write(other)
+
+    def other_room(self, p: Parsed):
+        return self._other_part(p, "room")
+
+    def other_floor(self, p: Parsed):
+        return self._other_part(p, "floor")
+
+    def other_building(self, p: Parsed):
+        return self._other_part(p, "building")
+
+    def other_unit(self, p: Parsed):
+        return self._other_part(p, "unit")
+
+    def detail_forms(self, p: Parsed) -> tuple[str, str] | None:
+        """A floor or building written two ways: 5楼 / 5层 / 5F / 五楼 / ５楼, 3号楼 / 3栋."""
+        rng = self.rng
+        if rng.random() < 0.6:
+            n = rng.randint(1, 30)
+            forms = [f"{n}楼", f"{n}层", f"{n}F", f"{hanzi_number(n)}楼", f"{hanzi_number(n)}层", f"{full_width(str(n))}楼"]
+        else:
+            n = rng.randint(1, 20)
+            forms = [f"{n}号楼", f"{n}栋", f"{n}幢", f"{full_width(str(n))}栋"]
+        if _DETAIL.search(p.rest):
+            return None
+        first, second = rng.sample(forms, 2)
+        return p.address + first, p.address + second

@@ -1,5 +1,6 @@
 """How the CCKS data labels pairs in which one address is the other with one part left out
-(issue 21): `python -m mgeo_service.train.leave_out ../shared/data` prints the model card's table.
+(issue 21), and pairs on one road that differ in one numbered part (issue 35):
+`python -m mgeo_service.train.leave_out ../shared/data` prints the model card's two tables.
 
 A pair counts when the longer address is the shorter with one contiguous span added; the span
 is classed by what it is: a detail at the end, a development zone or park, the province or
@@ -22,6 +23,10 @@ KINDS = ("detail at the end", "zone or park", "province or city", "street or tow
 _ZONE = re.compile("开发区|高新区|工业园|科技园|产业园|园区|经济区|新区|工业区")
 _STREET = re.compile("(街道办事处|街道|镇|乡)$")
 _DISTRICT = re.compile("[区县市]$")
+_ROAD = re.compile(r"[\u4e00-\u9fff]{2,6}?(?:大道|大街|路|街)")
+# A numbered part of an address: its one number in each address of a pair.
+NUMBERED_PARTS = {"house number": r"(?<!\d)(\d+)号(?!楼)", "room": r"(\d+)室", "floor": r"(\d+)(?:楼(?!\d)|层|F)",
+                  "building": r"(\d+)(?:栋|幢|座|号楼)", "unit": r"(\d+)单元"}
 
 
 def left_out(longer: str, shorter: str) -> tuple[str, bool, bool] | None:
@@ -67,14 +72,41 @@ def label_counts(data_dir: str) -> dict[str, Counter]:
     return counts
 
 
-def main(data_dir: str) -> int:
-    counts = label_counts(data_dir)
-    print("| left out | " + " | ".join(LABELS) + " | pairs |")
+def number_change(first: str, second: str) -> str:
+    """same, digits added or removed (1 / 11), or other: how one number differs between two addresses."""
+    if first == second:
+        return "same"
+    return "digits added or removed" if first in second or second in first else "other"
+
+
+def number_counts(data_dir: str) -> dict[str, Counter]:
+    """Labels of the CCKS pairs that share a road, by numbered part and how its number differs."""
+    counts: dict[str, Counter] = defaultdict(Counter)
+    for pair in read_pairs(os.path.join(data_dir, CCKS_FILE)):
+        a, b = pair.address1, pair.address2
+        if not set(_ROAD.findall(a)) & set(_ROAD.findall(b)):
+            continue
+        for part, pattern in NUMBERED_PARTS.items():
+            x, y = re.findall(pattern, a), re.findall(pattern, b)
+            if len(x) == 1 and len(y) == 1:
+                counts[f"{part}: {number_change(x[0], y[0])}"][LABELS[pair.label]] += 1
+    return counts
+
+
+def print_table(title: str, counts: dict[str, Counter], rows) -> None:
+    print(f"| {title} | " + " | ".join(LABELS) + " | pairs |")
     print("|---|" + "---|" * (len(LABELS) + 1))
-    for kind in KINDS:
-        total = sum(counts[kind].values())
-        cells = [f"{counts[kind][label]} ({counts[kind][label] / total:.0%})" if total else "0" for label in LABELS]
-        print(f"| {kind} | " + " | ".join(cells) + f" | {total} |")
+    for row in rows:
+        total = sum(counts[row].values())
+        cells = [f"{counts[row][label]} ({counts[row][label] / total:.0%})" if total else "0" for label in LABELS]
+        print(f"| {row} | " + " | ".join(cells) + f" | {total} |")
+
+
+def main(data_dir: str) -> int:
+    print_table("left out", label_counts(data_dir), KINDS)
+    print()
+    numbers = number_counts(data_dir)
+    print_table("one road, numbered part", numbers, sorted(numbers))
     return 0
 
 

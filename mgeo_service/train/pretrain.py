@@ -5,9 +5,9 @@ many languages, not Chinese addresses one character at a time. This stage teache
 domain before it learns the task (issue 21; the CCKS 2021 winners' largest lever):
 
 - text: the training side only (never a CCKS validation or test query): the CCKS training
-  pairs and all Shenzhen pairs as sentence pairs, the contrast pairs, the company addresses
-  that are not contrast validation sources, and every township of ``admin_divisions``
-  written out with its province, city and district;
+  pairs and all Shenzhen pairs as sentence pairs, the company addresses that are not
+  contrast validation sources, and every township of ``admin_divisions`` written out with
+  its province, city and district: real text only, not the generated contrast pairs;
 - n-gram masking: spans of 1, 2 or 3 characters (probabilities 0.5 / 0.3 / 0.2) until 15%
   of a text's tokens are chosen; of those 80% become [MASK], 10% a random token, 10% stay;
 - a fixed number of steps (not a time limit), so that a seeded run is reproducible.
@@ -55,9 +55,13 @@ def township_texts(data_dir: str) -> list[str]:
 
 
 def pretraining_texts(data: TrainingData, data_dir: str) -> list[tuple[str, str | None]]:
-    """(first, second) sentence pairs and (text, None) singles, all from the training side."""
+    """(first, second) sentence pairs and (text, None) singles, all real text from the training side.
+
+    The generated contrast pairs are left out: they are fine-tuning's, and the contrast kinds
+    can change without pretraining again.
+    """
     shenzhen = read_pairs(os.path.join(data_dir, SHENZHEN_FILE))
-    pairs = [(p.address1, p.address2) for p in data.splits["train"] + shenzhen + data.contrast]
+    pairs = [(p.address1, p.address2) for p in data.splits["train"] + shenzhen]
     singles = [a for a in company_addresses(data_dir) if split_bucket(a) >= 2] + township_texts(data_dir)
     return pairs + [(text, None) for text in singles]
 
