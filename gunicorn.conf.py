@@ -22,9 +22,10 @@ _settings = load_settings_or_exit("mgeo-service")
 
 bind = [_settings.bind]
 workers = _settings.workers
-# gthread: health probes get their own thread while other threads wait on the model; while the
-# worker sheds, its main thread refuses new /predict requests itself (mgeo_service/worker.py).
-worker_class = "mgeo_service.worker.SheddingWorker"
+# gthread: health probes get their own thread while other threads wait on the model; the main
+# thread reads every request whole before a thread takes it, and refuses there while the worker
+# is full (mgeo_service/worker.py).
+worker_class = "mgeo_service.worker.WholeRequestWorker"
 threads = _settings.threads
 graceful_timeout = _settings.graceful_timeout
 # Workers restart after max_requests (0: never); jitter keeps them from restarting together.

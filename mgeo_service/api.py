@@ -13,7 +13,6 @@ import hmac
 import json
 import os
 import re
-import socket
 
 from flask import Blueprint, current_app, g, request
 from opentelemetry import trace
@@ -22,6 +21,7 @@ from werkzeug.exceptions import RequestEntityTooLarge
 from . import metrics
 from .batcher import InferenceError, Rejected
 from .cache import pair_key
+from .connection import CLIENT_WATCH
 from .errors import ApiError, json_response
 from .loader import READY
 
@@ -182,23 +182,6 @@ def request_deadline(started: float, default_ms: int) -> float:
     return started + min(int(header), default_ms) / 1000
 
 
-def client_gone_check():
-    """A check whether this request's client has closed its connection, where the server can tell
-    (Gunicorn gives the socket); None elsewhere."""
-    connection = request.environ.get("gunicorn.socket")
-    if connection is None:
-        return None
-
-    def gone() -> bool:
-        try:  # end of stream without consuming anything: the client closed (a pipelined request is data)
-            return connection.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) == b""
-        except BlockingIOError:
-            return False
-        except ConnectionError:
-            return True
-    return gone
-
-
 def authenticate(api_token: str) -> None:
     if not api_token:
         return
@@ -244,7 +227,7 @@ def score(route: str):
 
     if missing:
         try:
-            scored = state.batcher(matcher).submit(len(missing), tokenize, deadline, client_gone_check())
+            scored = state.batcher(matcher).submit(len(missing), tokenize, deadline, request.environ.get(CLIENT_WATCH))
         except Rejected as exc:
             raise rejection(exc) from None
         except InferenceError as exc:

@@ -11,6 +11,8 @@ import time
 
 from flask import Flask
 from flask_cors import CORS
+from flask_cors.core import get_cors_headers, get_cors_options
+from werkzeug.datastructures import Headers
 from flask_swagger_ui import get_swaggerui_blueprint
 
 from . import logs, metrics, tracing
@@ -36,6 +38,7 @@ class WorkerState:
         self.cache = ResultCache(settings.cache_size, settings.metrics)
         self.tracer = tracing.make_tracer(settings.tracing)
         self.started = time.time()
+        self.cors = None  # flask-cors' options for the scoring routes, where CORS is on
         self._batcher: MicroBatcher | None = None
         self._batcher_lock = threading.Lock()
 
@@ -57,14 +60,17 @@ class WorkerState:
         batcher = self._batcher
         return batcher and batcher.full(self.settings.request_timeout_ms / 1000)
 
-    def refuse_early(self, overload: Rejected, route: str, body: bytes) -> ApiError | None:
+    def refuse_early(self, overload: Rejected, route: str, body: bytes, origin: str) -> ApiError | None:
         """The answer, given ``overload()``, to a whole body of a scoring route (``BODY_PARSERS``) no thread has
-        taken yet (``worker.py``): 429, counted, unless the body's pairs are all in the cache; None: it is
-        served as usual."""
+        taken yet (``worker.py``): 429, counted, with the CORS headers Flask's answer to ``origin`` would
+        carry, unless the body's pairs are all in the cache; None: it is served as usual."""
         if len(self.cache) and self._all_cached(route, body):
             return None
         self._batcher.count_rejected(overload.reason)
-        return rejection(overload)
+        refusal = rejection(overload)
+        if self.cors and origin:
+            refusal.headers.update(get_cors_headers(self.cors, Headers({"Origin": origin}), "POST"))
+        return refusal
 
     def _all_cached(self, route: str, body: bytes) -> bool:
         try:  # a body that is not valid is left to the usual path, which says what is wrong
@@ -102,10 +108,12 @@ def create_app(settings: Settings | None = None, loader: ModelLoader | None = No
     app.register_blueprint(get_swaggerui_blueprint("/docs", "/openapi.json", {
         "app_name": "mgeo-service API", "validatorUrl": None, "tryItOutEnabled": True}))
     if settings.cors_origins:  # opt-in: browser pages of these origins may call the scoring routes
-        CORS(app, resources={route: {"origins": list(settings.cors_origins)} for route in BODY_PARSERS},
-             allow_headers=["Content-Type", "Authorization", "X-Request-Timeout-Ms", "X-Request-ID", "traceparent",
-                            "tracestate"],
-             expose_headers=["Retry-After", "X-Request-ID"], methods=["POST"], max_age=600)
+        cors = {"origins": list(settings.cors_origins), "methods": ["POST"], "max_age": 600,
+                "allow_headers": ["Content-Type", "Authorization", "X-Request-Timeout-Ms", "X-Request-ID",
+                                  "traceparent", "tracestate"],
+                "expose_headers": ["Retry-After", "X-Request-ID"]}
+        CORS(app, resources={route: cors for route in BODY_PARSERS})
+        state.cors = get_cors_options(app, cors)  # the same options, for the worker's own refusals
 
     metrics.WORKER_STARTS.inc()
     # Every reason of every counter of refusals and failures exported from the start, so rates and panels read 0

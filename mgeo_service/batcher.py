@@ -19,8 +19,9 @@ Work nobody will wait for is never computed:
   refused now: the worker then refuses before a thread takes the request (``worker.py``);
 - **deadlines**: a request whose deadline passes before its forward starts gets
   ``deadline_exceeded`` at its deadline, and its pairs are skipped;
-- **a client gone**: a request whose client has closed the connection before its forward
-  starts is skipped (``client_gone``).
+- **a client gone**: a request whose client closes the connection while it waits leaves the
+  queue at once (``client_gone``): its place in admission's count is free and its pairs are
+  never computed. The worker's main thread sees the close (``connection.ClientWatch``).
 
 Traced, each request gets a "queue wait" span, and each forward a "forward" span under the
 request that opened the batch, linked to every request it served.
@@ -40,6 +41,7 @@ import torch
 from opentelemetry.trace import NoOpTracer, Tracer
 
 from . import metrics, tracing
+from .connection import ClientWatch
 from .matcher import forward_in_chunks
 
 log = logging.getLogger(__name__)
@@ -102,7 +104,7 @@ class ForwardRate:
 class _Job:
     encoded: Sequence[Encoded]
     deadline: float
-    client_gone: Callable[[], bool] | None
+    client: ClientWatch | None
     trace_context: object = field(default_factory=tracing.current_context)  # the request thread's
     enqueued_at: float = field(default_factory=time.perf_counter)
     enqueued_ns: int = field(default_factory=time.time_ns)  # the same moment, as spans keep time
@@ -138,7 +140,7 @@ class MicroBatcher:
             threading.Thread(target=self._run, name=f"micro-batcher-{number}", daemon=True).start()
 
     def submit(self, pairs: int, encode: Callable[[], Sequence[Encoded]], deadline: float,
-               client_gone: Callable[[], bool] | None = None) -> torch.Tensor:
+               client: ClientWatch | None = None) -> torch.Tensor:
         """Probabilities, one row per pair, once their forward ran; ``encode()`` (the tokenising) runs
         only once the request is admitted. ``deadline`` is a ``time.perf_counter()`` value.
 
@@ -146,17 +148,17 @@ class MicroBatcher:
         self._admit(pairs, deadline)
         try:
             try:
-                job = _Job(encode(), deadline, client_gone)
+                job = _Job(encode(), deadline, client)
             except BaseException:
                 with self._lock:
                     self._queued_pairs -= pairs
                     self._publish_queue()
                 raise
             self._queue.put(job)
+            if client:
+                client.on_gone(lambda: self._leave(job, "client_gone"))
             if not job.done.wait(max(0.0, deadline - time.perf_counter())):
-                with self._lock:
-                    if job.state == QUEUED:  # its forward has not started: it never will
-                        self._drop(job, "deadline_exceeded")
+                self._leave(job, "deadline_exceeded")
                 job.done.wait()  # set already if dropped; else its forward is running and will end
         finally:
             with self._lock:
@@ -198,6 +200,12 @@ class MicroBatcher:
             self._requests += 1
             self._publish_queue()
 
+    def _leave(self, job: _Job, reason: str) -> None:
+        """``job`` leaves the queue with ``Rejected(reason)`` unless its forward has started (it then ends)."""
+        with self._lock:
+            if job.state == QUEUED:
+                self._drop(job, reason)
+
     def _drop(self, job: _Job, reason: str) -> None:
         """Holding the lock: ``job`` leaves the queue unanswered, with ``Rejected(reason)``."""
         job.state = DROPPED
@@ -214,7 +222,6 @@ class MicroBatcher:
     def _start(self, jobs: list[_Job]) -> list[_Job]:
         """The jobs whose forward starts now; the others are dropped (deadline passed, client gone)."""
         now = time.perf_counter()
-        gone = {id(job) for job in jobs if job.state == QUEUED and job.client_gone and _asks(job.client_gone)}
         starting = []
         with self._lock:
             for job in jobs:
@@ -222,7 +229,7 @@ class MicroBatcher:
                     continue
                 if now >= job.deadline:
                     self._drop(job, "deadline_exceeded")
-                elif id(job) in gone:
+                elif job.client and job.client.gone:
                     self._drop(job, "client_gone")
                 else:
                     job.state = RUNNING
@@ -304,11 +311,3 @@ class MicroBatcher:
         metrics.INFERENCE_ERRORS.labels(reason).inc()
         job.error = InferenceError(reason, "the model could not score this request; retry later")
         job.done.set()
-
-
-def _asks(client_gone: Callable[[], bool]) -> bool:
-    """Whether the client has gone; a check that fails says no (the request is served)."""
-    try:
-        return client_gone()
-    except Exception:
-        return False

@@ -120,6 +120,10 @@ SETTINGS = {
     "MGEO_REQUEST_TIMEOUT_MS": _setting("2000", _integer(1), "each /predict request's deadline; a client's "
                                         "X-Request-Timeout-Ms header may shorten it; pairs not started by then "
                                         "answer 504 and work the worker cannot finish by then answers 429"),
+    "MGEO_READ_TIMEOUT_MS": _setting("2000", _integer(1), "how long a request may take to arrive whole from its "
+                                     "first byte: later, 408 and the connection closes (a slow client holds no "
+                                     "thread meanwhile, only a buffer); the default request deadline, which starts "
+                                     "at the same byte, could not be met by a request still arriving after it"),
     "MGEO_CACHE_SIZE": _setting("10000", _integer(0), "scored pairs each worker keeps to answer repeats; 0: no cache"),
     "MGEO_READY_MIN_GPU_FREE_MB": _setting("1024", _integer(0), "free GPU memory readiness needs (CUDA only)"),
     "MGEO_READY_CACHE_SECONDS": _setting("10", _number(0), "how long a readiness result is reused"),
@@ -207,6 +211,7 @@ class Settings:
     batch_wait_ms: float
     batch_threads: int
     request_timeout_ms: int
+    read_timeout_ms: int
     cache_size: int
     ready_min_gpu_free_mb: int
     ready_cache_seconds: float

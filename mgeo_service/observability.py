@@ -17,6 +17,7 @@ from opentelemetry.trace import Tracer
 from werkzeug.exceptions import MethodNotAllowed
 
 from . import logs, metrics, tracing
+from .connection import FIRST_BYTE_AT
 
 access_log = logging.getLogger(logs.ACCESS_LOGGER)
 
@@ -40,8 +41,9 @@ def request_id_from(incoming: str) -> str:
 
 
 def record_request(instrument: bool, method: str, route: str, status: int, seconds: float, request_id: str,
-                   trace_id: str | None = None) -> None:
-    """A finished request: its metrics (``instrument``) and its access log line."""
+                   trace_id: str | None = None, answered_by: str | None = None) -> None:
+    """A finished request: its metrics (``instrument``) and its access log line (``answered_by``: which
+    thread answered, where not a request thread)."""
     if instrument:
         metrics.REQUESTS.labels(method, route, str(status)).inc()
         metrics.REQUEST_DURATION.labels(method, route).observe(seconds)
@@ -49,6 +51,8 @@ def record_request(instrument: bool, method: str, route: str, status: int, secon
             "duration_ms": round(seconds * 1000, 2), "request_id": request_id}
     if trace_id:
         line["trace_id"] = trace_id
+    if answered_by:
+        line["answered_by"] = answered_by
     access_log.info(json.dumps(line))
 
 
@@ -57,7 +61,8 @@ def register_request_hooks(app: Flask, instrument: bool, tracer: Tracer | None) 
 
     @app.before_request
     def start_request():
-        g.started = time.perf_counter()
+        # The deadline starts at the request's first byte, where the worker read it (worker.py).
+        g.started = request.environ.get(FIRST_BYTE_AT) or time.perf_counter()
         g.request_id = request_id_from(request.headers.get("X-Request-ID", ""))
         g.endpoint = route_template(app)
         if instrument:

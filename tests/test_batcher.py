@@ -6,12 +6,13 @@ import pytest
 import torch
 
 from mgeo_service.batcher import ForwardRate, MicroBatcher, Rejected, _Job
+from mgeo_service.connection import ClientWatch
 
 HOUR = 3600.0
 
 
-def submit(batcher, encoded, deadline_seconds=HOUR, client_gone=None):
-    return batcher.submit(len(encoded), lambda: encoded, time.perf_counter() + deadline_seconds, client_gone)
+def submit(batcher, encoded, deadline_seconds=HOUR, client=None):
+    return batcher.submit(len(encoded), lambda: encoded, time.perf_counter() + deadline_seconds, client)
 
 
 def pair(length=3):
@@ -122,26 +123,40 @@ def test_a_job_found_expired_when_its_forward_starts_is_dropped_there():
     assert (batcher._queued_pairs, batcher._running_pairs) == (0, 1)
 
 
-def test_a_job_whose_client_has_gone_is_dropped_before_its_forward():
+def test_a_client_that_goes_while_queued_leaves_at_once_and_is_never_computed():
     forward = GatedForward()
     batcher = MicroBatcher(forward, max_pairs=32, wait_seconds=0, instrument=False, threads=1)
     busy = occupy(batcher, forward)
+    leaving, staying = ClientWatch(), ClientWatch()
     outcome = []
-    waiter = threading.Thread(target=lambda: outcome.append(_outcome(batcher, [pair(6)], client_gone=lambda: True)))
+    waiter = threading.Thread(target=lambda: outcome.append(_outcome(batcher, [pair(6)] * 3, client=leaving)))
     waiter.start()
-    staying = threading.Thread(target=lambda: outcome.append(_outcome(batcher, [pair(5)], client_gone=lambda: False)))
-    staying.start()
-    time.sleep(0.05)  # both queued behind the held forward (order between them does not matter)
+    other = threading.Thread(target=lambda: outcome.append(_outcome(batcher, [pair(5)], client=staying)))
+    other.start()
+    wait_until(lambda: batcher._queued_pairs == 4)
+    leaving.set_gone()  # while the forward ahead still holds: its place frees now, not at its turn
+    waiter.join(30)
+    assert outcome == ["client_gone"] and batcher._queued_pairs == 1 and batcher._requests == 2
     forward.release.set()
-    for thread in (busy, waiter, staying):
+    for thread in (busy, other):
         thread.join(30)
     assert sorted(outcome) == ["client_gone", "served"]
     assert 6 not in forward.computed and 5 in forward.computed
 
 
-def _outcome(batcher, encoded, deadline_seconds=HOUR, client_gone=None) -> str:
+def test_a_client_gone_before_its_request_was_queued_is_never_computed():
+    forward = GatedForward()
+    batcher = MicroBatcher(forward, max_pairs=32, wait_seconds=0, instrument=False, threads=1)
+    forward.release.set()
+    gone = ClientWatch()
+    gone.set_gone()
+    assert _outcome(batcher, [pair(7)], client=gone) == "client_gone"
+    assert 7 not in forward.computed and batcher._queued_pairs == 0
+
+
+def _outcome(batcher, encoded, deadline_seconds=HOUR, client=None) -> str:
     try:
-        submit(batcher, encoded, deadline_seconds, client_gone)
+        submit(batcher, encoded, deadline_seconds, client)
         return "served"
     except Rejected as exc:
         return exc.reason
