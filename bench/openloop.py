@@ -1,5 +1,7 @@
 """Open-loop load, as real clients behave: requests arrive at a fixed rate whatever the server does,
-each on its own connection, and each client gives up (closes its connection) after ``give_up`` seconds.
+and each client gives up (closes its connection) after ``give_up`` seconds. Each request on its own
+connection, or (``keep_alive``) on an idle one of a pool, as an application's HTTP pool or a proxy
+with upstream keep-alive sends them: a new connection only when none is idle.
 
 Used by `make bench` (the overload scenarios) and tests/test_overload.py. Loopback only: the
 URL must be on 127.0.0.1, and the load is bounded by its request count.
@@ -25,9 +27,10 @@ class Answer:
     gave_up: bool = False
 
 
-def request_bytes(host: str, port: int, path: str, body: bytes, headers: dict) -> bytes:
+def request_bytes(host: str, port: int, path: str, body: bytes, headers: dict, keep_alive: bool = False) -> bytes:
     lines = [f"POST {path} HTTP/1.1", f"Host: {host}:{port}", "Content-Type: application/json",
-             f"Content-Length: {len(body)}", "Connection: close", *(f"{k}: {v}" for k, v in headers.items())]
+             f"Content-Length: {len(body)}", *([] if keep_alive else ["Connection: close"]),
+             *(f"{k}: {v}" for k, v in headers.items())]
     return ("\r\n".join(lines) + "\r\n\r\n").encode() + body
 
 
@@ -38,15 +41,28 @@ def parse_response(raw: bytes) -> tuple[int, dict, bytes]:
     return int(lines[0].split()[1]), {k.lower(): v for k, v in headers.items()}, body
 
 
-async def _one(host: str, port: int, payload: bytes, give_up: float, started: float, sent_at: float) -> Answer:
+async def _read_answer(reader: asyncio.StreamReader) -> bytes:
+    head = await reader.readuntil(b"\r\n\r\n")
+    _, headers, _ = parse_response(head)
+    return head + await reader.readexactly(int(headers.get("content-length", 0)))
+
+
+async def _one(host: str, port: int, payload: bytes, give_up: float, started: float, sent_at: float,
+               pool: list | None) -> Answer:
     writer = None
 
     async def exchange():
         nonlocal writer
-        reader, writer = await asyncio.open_connection(host, port)
+        reader, writer = pool.pop() if pool else await asyncio.open_connection(host, port)
         writer.write(payload)
         await writer.drain()
-        return await reader.read()  # Connection: close: the answer ends with the connection
+        if pool is None:
+            return await reader.read()  # Connection: close: the answer ends with the connection
+        raw = await _read_answer(reader)
+        if parse_response(raw)[1].get("connection", "").lower() != "close":
+            pool.append((reader, writer))  # idle again, for the next request
+            writer = None
+        return raw
 
     try:
         raw = await asyncio.wait_for(exchange(), give_up)
@@ -60,17 +76,19 @@ async def _one(host: str, port: int, payload: bytes, give_up: float, started: fl
         return Answer(sent_at, status, time.perf_counter() - started - sent_at, code, headers.get("retry-after"))
     except asyncio.TimeoutError:
         return Answer(sent_at, None, give_up, gave_up=True)
-    except (OSError, ValueError, IndexError):
+    except (OSError, ValueError, IndexError, asyncio.IncompleteReadError):
         return Answer(sent_at, None, time.perf_counter() - started - sent_at)
     finally:
         if writer is not None:
             writer.close()  # giving up closes the connection, as a client's timeout does
 
 
-async def _run(url: str, bodies: list[bytes], rate: float, count: int, give_up: float, headers: dict) -> list[Answer]:
+async def _run(url: str, bodies: list[bytes], rate: float, count: int, give_up: float, headers: dict,
+               keep_alive: bool) -> list[Answer]:
     parts = urllib.parse.urlsplit(url)
     assert parts.hostname == "127.0.0.1", "open-loop load targets 127.0.0.1 only"
-    payloads = [request_bytes(parts.hostname, parts.port, parts.path, body, headers) for body in bodies]
+    payloads = [request_bytes(parts.hostname, parts.port, parts.path, body, headers, keep_alive) for body in bodies]
+    pool = [] if keep_alive else None
     started = time.perf_counter()
     tasks = []
     for i in range(count):
@@ -78,15 +96,18 @@ async def _run(url: str, bodies: list[bytes], rate: float, count: int, give_up: 
         if delay > 0:
             await asyncio.sleep(delay)
         tasks.append(asyncio.create_task(
-            _one(parts.hostname, parts.port, payloads[i % len(payloads)], give_up, started, i / rate)))
-    return list(await asyncio.gather(*tasks))
+            _one(parts.hostname, parts.port, payloads[i % len(payloads)], give_up, started, i / rate, pool)))
+    answers = list(await asyncio.gather(*tasks))
+    for _, writer in pool or []:
+        writer.close()
+    return answers
 
 
 def open_loop(url: str, bodies: list[bytes], rate: float, count: int, give_up: float,
-              headers: dict | None = None) -> list[Answer]:
+              headers: dict | None = None, keep_alive: bool = False) -> list[Answer]:
     """``count`` requests to ``url`` at ``rate`` per second, cycling through ``bodies``."""
     # uvloop: the load shares the cores with the service, and it costs half of asyncio's own loop per request.
-    return uvloop.run(_run(url, bodies, rate, count, give_up, headers or {}))
+    return uvloop.run(_run(url, bodies, rate, count, give_up, headers or {}, keep_alive))
 
 
 def summary(answers: list[Answer], deadline: float, pairs_per_request: int = 1) -> dict:

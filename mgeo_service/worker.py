@@ -89,6 +89,7 @@ class _Reading:
     first_byte_at: float = field(default_factory=time.perf_counter)
     timeout_at: float = 0.0  # time.monotonic()
     continued: bool = False  # "100 Continue" sent
+    ended: bool = False  # the client closed its side
 
 
 class WholeRequestWorker(ThreadWorker):
@@ -134,18 +135,22 @@ class WholeRequestWorker(ThreadWorker):
         try:
             while len(reading.data) <= HEAD_BYTES + self.max_body:
                 chunk = conn.sock.recv(RECV_BYTES)
-                if not chunk:  # the client closed before its request was whole
-                    self._stop_reading(conn)
-                    self._close(conn)
-                    return
+                if not chunk:
+                    reading.ended = True  # the client sends no more; what it sent may be whole
+                    break
                 reading.data += chunk
         except BlockingIOError:
             pass
         except OSError:
-            self._stop_reading(conn)
-            self._close(conn)
-            return
+            reading.ended = True
         self._frame(conn, reading)
+        if reading.ended and self.reading.get(conn) is reading:  # not whole, and never will be
+            if reading.data:  # a client that only closed its side still reads
+                self._answer_and_close(conn, self._head(reading), ApiError(
+                    400, "malformed_body", "the connection ended before the request was whole"))
+            else:
+                self._stop_reading(conn)
+                self._close(conn)
 
     def _frame(self, conn, reading: _Reading):
         data = reading.data
@@ -249,12 +254,16 @@ class WholeRequestWorker(ThreadWorker):
                 break
             self._stop_reading(conn)
             if reading.data:
-                head_end = reading.data.find(b"\r\n\r\n", 0, HEAD_BYTES + 4)
-                head = parse_head(bytes(reading.data[:head_end])) if head_end >= 0 else None
-                self._answer(conn, head, ApiError(408, "request_timeout", f"the request was not whole within "
+                self._answer(conn, self._head(reading), ApiError(408, "request_timeout", f"the request was not whole within "
                                                   f"{self.read_timeout * 1000:.0f} ms of its first byte"),
                              reading, keep_alive=False)
             self._close(conn)
+
+    @staticmethod
+    def _head(reading: _Reading) -> Head | None:
+        """The head of a request not read whole, where it has arrived (for its answer's log line)."""
+        head_end = reading.data.find(b"\r\n\r\n", 0, HEAD_BYTES + 4)
+        return parse_head(bytes(reading.data[:head_end])) if head_end >= 0 else None
 
     def wait_for_and_dispatch_events(self, timeout):
         if self.reading:  # wake for the oldest read's timeout, not a second later

@@ -179,7 +179,10 @@ class Service:
         self.port, self.metrics_port = free_port(), free_port()
         self.multiproc_dir = str(tmp_path / "multiproc")
         self.log_path = str(tmp_path / "service.log")
-        self.env = {**os.environ, "MGEO_BIND": f"127.0.0.1:{self.port}",
+        # The shell's own settings stay out: every service here is what its test says it is.
+        scrubbed = {k: v for k, v in os.environ.items()
+                    if not k.startswith(("MGEO_", "OTEL_")) and k != "GUNICORN_CMD_ARGS"}
+        self.env = {**scrubbed, "MGEO_BIND": f"127.0.0.1:{self.port}",
                     "MGEO_METRICS_PORT": str(self.metrics_port), "MGEO_METRICS_BIND": "127.0.0.1",
                     "MGEO_WORKERS": "2", "MGEO_READY_CACHE_SECONDS": "0",
                     "PROMETHEUS_MULTIPROC_DIR": self.multiproc_dir, **env}
@@ -202,6 +205,10 @@ class Service:
     def log(self) -> str:
         with open(self.log_path, encoding="utf-8", errors="replace") as f:
             return f.read()
+
+    def access_lines(self) -> list[dict]:
+        """The JSON access log's lines so far."""
+        return [json.loads(line) for line in self.log().splitlines() if line.startswith('{"ts"')]
 
     def wait_until(self, check, timeout: float = 60.0, what: str = "condition"):
         deadline = time.monotonic() + timeout

@@ -4,6 +4,7 @@ import json
 import random
 import socket
 import sys
+import threading
 
 from conftest import ROOT, http
 
@@ -119,6 +120,53 @@ def test_broken_framing_is_a_400_never_a_500(service_factory):
     assert not [key for key, value in samples.items()
                 if key[0] == "mgeo_request_total" and dict(key[1])["endpoint"] == "/predict"
                 and dict(key[1])["status"].startswith("5") and value]
-    assert ("mgeo_request_total", (("endpoint", "/predict"), ("method", "POST"), ("status", "400"))) in samples
+    for status in ("400", "411"):  # Gunicorn's parser's, and the main thread's for a chunked body
+        assert ("mgeo_request_total", (("endpoint", "/predict"), ("method", "POST"), ("status", status))) in samples
     assert service.children() == workers and service.metric("mgeo_worker_starts_total") == 1
     assert http("POST", service.url + "/predict", PAIRS[0])[0] == 200  # and it serves on
+
+
+def single_pair_bodies(count: int) -> list[bytes]:
+    return [json.dumps({"address1": f"浙江省杭州市西湖区文三路{n}号", "address2": f"杭州西湖文三路{n + n % 2}号"},
+                       ensure_ascii=False).encode() for n in range(count)]
+
+
+def test_kept_alive_clients_beyond_capacity_are_refused_by_the_main_thread_in_time(service_factory):
+    """A pool of kept-alive connections, as an application or a proxy sends: each request is read whole by the
+    main thread, and refused there while the worker is full, its deadline counted from its first byte."""
+    service = service_factory(MGEO_WORKERS="1", MGEO_CACHE_SIZE="0", MGEO_BATCH_THREADS="2").wait_ready()
+    # 300 single pairs a second for 3 s: about 3x what two cores serve of the default model.
+    answers = open_loop(service.url + "/predict", single_pair_bodies(900), rate=300, count=900,
+                        give_up=DEADLINE_MS / 1000 + 3, headers={"X-Request-Timeout-Ms": str(DEADLINE_MS)},
+                        keep_alive=True)
+    statuses = [a.status for a in answers]
+    assert set(statuses) <= {200, 429, 504}, statuses
+    assert statuses.count(200) and statuses.count(429), statuses
+    late = [round(a.seconds, 3) for a in answers if a.status in (200, 504) and a.seconds > DEADLINE_MS / 1000 + SLACK]
+    assert not late
+    refusals = [line for line in service.access_lines() if line["status"] == 429]
+    assert len(refusals) == statuses.count(429)
+    assert sum(line.get("answered_by") == "main_thread" for line in refusals) >= statuses.count(429) // 2, refusals[:5]
+    assert service.metric("mgeo_worker_starts_total") == 1
+
+
+def test_a_closed_loop_right_after_clients_hung_up_is_not_refused(service_factory):
+    service = service_factory(MGEO_WORKERS="1", MGEO_CACHE_SIZE="0").wait_ready()
+    url = service.url + "/predict"
+    # The warm-up: 4x capacity for 2 s from clients that give up after 0.3 s, most while their requests wait.
+    warm_up = open_loop(url, single_pair_bodies(800), rate=400, count=800, give_up=0.3)
+    assert sum(a.gave_up for a in warm_up) > 100
+    assert service.wait_until(lambda: service.metric("mgeo_queue_pairs") == 0, 30, "an empty queue")
+    statuses = []
+
+    def client(n: int):
+        for body in single_pair_bodies(10 * 32)[n::32]:
+            statuses.append(http("POST", url, json.loads(body), timeout=30)[0])
+    clients = [threading.Thread(target=client, args=(n,)) for n in range(32)]
+    for thread in clients:
+        thread.start()
+    for thread in clients:
+        thread.join(120)
+    assert statuses == [200] * 320, {s: statuses.count(s) for s in set(statuses)}
+    gone = service.metric("mgeo_rejected_requests_total", reason="client_gone")
+    assert gone > 0  # the warm-up's abandoned requests left the queue unanswered
