@@ -22,6 +22,7 @@ from . import metrics
 from .batcher import InferenceError, Rejected
 from .cache import pair_key
 from .connection import CLIENT_WATCH
+from .dataset import is_blank
 from .errors import ApiError, json_response
 from .loader import READY
 
@@ -97,8 +98,8 @@ def _address(item: dict, name: str, where: str, max_chars: int) -> str:
     except UnicodeEncodeError:
         raise ApiError(400, "invalid_unicode",
                        f"{where}{name} holds an unpaired UTF-16 surrogate escape; send valid Unicode text") from None
-    if not value.strip():
-        raise ApiError(400, "invalid_address", f"{where}{name} must not be empty")
+    if is_blank(value):
+        raise ApiError(400, "invalid_address", f"{where}{name} must have a visible character")
     if len(value) > max_chars:
         raise ApiError(400, "address_too_long", f"{where}{name} is longer than {max_chars} characters")
     return value

@@ -31,13 +31,14 @@ def _pairs_to_predict(args) -> list[tuple[str, str]]:
         source = sys.stdin if args.file == "-" else open(args.file, encoding="utf-8")
         with source:
             lines = [(n, line.rstrip("\r\n").split("\t")) for n, line in enumerate(source, start=1) if line.strip()]
+    from .dataset import is_blank
     pairs = []
     for number, fields in lines:
         where = f"line {number}: " if args.file is not None else ""
         if len(fields) < 2:
             raise ValueError(f"{where}expected address1<TAB>address2")
-        if not fields[0].strip() or not fields[1].strip():
-            raise ValueError(f"{where}an address is empty")
+        if is_blank(fields[0]) or is_blank(fields[1]):
+            raise ValueError(f"{where}an address has no visible character")
         pairs.append((fields[0], fields[1]))
     return pairs
 

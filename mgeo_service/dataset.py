@@ -1,9 +1,16 @@
 """Labelled address pairs: ``address1<TAB>address2<TAB>label[<TAB>kind]`` files."""
 from __future__ import annotations
 
+import unicodedata
 from dataclasses import dataclass
 
 from .checkpoint import LABELS
+
+
+def is_blank(address: str) -> bool:
+    """Whether an address has no visible character: only spaces, controls and format characters (a
+    zero-width space alone is empty). The API and the command line refuse such an address alike."""
+    return all(c.isspace() or unicodedata.category(c) in ("Cc", "Cf") for c in address)
 
 
 @dataclass(frozen=True)

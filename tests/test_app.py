@@ -66,6 +66,8 @@ def test_batch_keeps_input_order(client):
     ({"address1": "北京"}, "missing_field"),
     ({"address1": "北京", "address2": ""}, "invalid_address"),
     ({"address1": "北京", "address2": "   "}, "invalid_address"),
+    ({"address1": "\u200b\u200b", "address2": "北京"}, "invalid_address"),  # zero-width characters alone
+    ({"address1": "北京", "address2": "\ufeff \u00ad\x00"}, "invalid_address"),
     ({"address1": "北京", "address2": 5}, "invalid_address"),
     ({"address1": "北京", "address2": None}, "invalid_address"),
     ({"address1": "北京", "address2": "上海", "extra": 1}, "invalid_request"),
@@ -326,3 +328,16 @@ def test_a_full_worker_refuses_new_pairs_with_429_and_still_answers_cached_ones(
     assert_error(refused, 429, "overloaded")
     assert int(refused.headers["Retry-After"]) >= 1
     assert post(client, cached).status_code == 200  # every pair in the cache: no queue needed
+
+
+def test_the_openapi_address_pattern_says_what_the_server_takes():
+    import re
+    import sys
+    from importlib.resources import files
+
+    from mgeo_service.dataset import is_blank
+    pattern = re.compile(json.loads(files("mgeo_service").joinpath("openapi.json").read_text(encoding="utf-8"))
+                         ["components"]["schemas"]["Address"]["pattern"])
+    disagree = [hex(c) for c in range(sys.maxunicode + 1) if not 0xD800 <= c <= 0xDFFF
+                and (pattern.search(chr(c)) is None) != is_blank(chr(c))]
+    assert not disagree

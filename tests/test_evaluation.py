@@ -123,7 +123,7 @@ def test_predict_reads_pairs_from_a_file_or_standard_input(tmp_path):
     assert len(answers) == 5 and answers[:2] == singles  # in input order, as each pair alone
 
 
-@pytest.mark.parametrize("args", [("", "北京"), ("北京", "  "), ("北京",), ()])
+@pytest.mark.parametrize("args", [("", "北京"), ("北京", "  "), ("\u200b", "北京"), ("北京",), ()])
 def test_predict_refuses_a_blank_or_missing_address_as_the_api_does(args):
     result = run_cli("predict", *args)
     assert result.returncode == 2 and result.stdout == ""
