@@ -487,21 +487,22 @@ def base_size(seconds: int, connections: int, ceiling_pairs: int) -> dict:
 
 
 def bursts(url: str, seconds: int, connections: int, multiples, give_up: float, listed: bool = False,
-           forwards=None, probes: dict | None = None) -> dict:
+           forwards=None, probes: dict | None = None, keep_alive=(False,)) -> dict:
     """Closed-loop capacity (wrk, single pairs), then open-loop arrivals at ``multiples`` of it for
     ``seconds`` each, every client giving up after ``give_up`` s, the ``probes`` (name: URL) probed
-    during each burst; after each burst, the time one request takes (and, given ``forwards``, a
+    during each burst, for each kind of client in ``keep_alive`` (a new connection per request; a
+    kept-alive pool); after each burst, the time one request takes (and, given ``forwards``, a
     count of forwards: the ones that ran for it)."""
     capacity = load(url, seconds, connections, listed=listed)
     with open(bodies_file(listed=listed), "rb") as f:
         bodies = f.read().splitlines()
     results = {"closed_loop": capacity}
-    for multiple in multiples:
+    for multiple, pooled in ((m, k) for k in keep_alive for m in multiples):
         rate = capacity["pairs_per_second"] * multiple
         probing = {name: Probe(probe_url, seconds) for name, probe_url in (probes or {}).items()}
         for probe in probing.values():
             probe.start()
-        answers = open_loop(url, bodies, rate, int(rate * seconds), give_up)
+        answers = open_loop(url, bodies, rate, int(rate * seconds), give_up, keep_alive=pooled)
         result = summary(answers, give_up)
         result["in_time_vs_capacity"] = round(result["pairs_in_time_per_second"] / capacity["pairs_per_second"], 3)
         if probing:
@@ -512,8 +513,47 @@ def bursts(url: str, seconds: int, connections: int, multiples, give_up: float, 
         result["after_burst"] = {"status": after.status, "seconds": round(time.perf_counter() - started, 3)}
         if forwards:
             result["after_burst"]["forwards"] = forwards() - before
-        results[f"open_loop_{multiple}x"] = result
+        results[f"open_loop_{multiple}x" + ("_keep_alive" if pooled else "")] = result
     return results
+
+
+def slow_clients(seconds: int, connections: int, slow: int = 128) -> dict:
+    """Closed-loop single pairs (wrk) alone, then beside ``slow`` connections (2x the worker's threads) that
+    send a head and half a body, then nothing, each opened again once the service closes it: p99s, and
+    how each slow connection ended and when."""
+    process, url, metrics_url, _, _ = serve()
+    try:
+        alone = load(url + "/predict", seconds, connections)
+        drain(metrics_url)
+        port = int(url.rpartition(":")[2])
+        body = b'{"address1": "\\u5317\\u4eac", "address2": "\\u5317\\u4eac"}'
+        head = (b"POST /predict HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+                b"Content-Length: %d\r\n\r\n" % len(body))
+        ends, stop = [], threading.Event()
+
+        def hold():
+            while not stop.is_set():
+                opened = time.perf_counter()
+                with socket.create_connection(("127.0.0.1", port), timeout=30) as connection:
+                    connection.sendall(head + body[:len(body) // 2])
+                    answer = connection.recv(4096)
+                    ends.append((answer.split(b"\r\n", 1)[0].decode("latin-1") or "closed",
+                                 time.perf_counter() - opened))
+        holders = [threading.Thread(target=hold, daemon=True) for _ in range(slow)]
+        for holder in holders:
+            holder.start()
+        beside = load(url + "/predict", seconds, connections)
+        stop.set()
+        for holder in holders:
+            holder.join(60)
+        outcomes = {}
+        for line, _ in ends:
+            outcomes[line] = outcomes.get(line, 0) + 1
+        return {"alone": alone, "beside_slow": beside, "slow_connections": slow, "slow_outcomes": outcomes,
+                "slow_longest_seconds": round(max(s for _, s in ends), 3) if ends else None,
+                "p99_ratio": round(beside["p99_ms"] / alone["p99_ms"], 2)}
+    finally:
+        process.stop()
 
 
 def overload(seconds: int, connections: int, multiples=(2, 4), give_up: float = 2.0) -> dict:
@@ -523,7 +563,8 @@ def overload(seconds: int, connections: int, multiples=(2, 4), give_up: float = 
     try:
         results = bursts(url + "/predict", seconds, connections, multiples, give_up,
                          forwards=lambda: scrape(metrics_url)["mgeo_inference_batch_size_count"],
-                         probes={"live": url + "/health/live", "ready": url + "/health/ready"})
+                         probes={"live": url + "/health/live", "ready": url + "/health/ready"},
+                         keep_alive=(False, True))
         samples = scrape(metrics_url)
         results["rejected"] = {series: value for series, value in samples.items()
                                if series.startswith("mgeo_rejected_requests_total")}
@@ -632,6 +673,7 @@ def main() -> int:
             return result
 
     step("service", service)
+    step("slow_clients", lambda: slow_clients(args.seconds, args.connections))
     step("service_batch", service_batch)
     # The engine's share of b and c: the same service on the torch engine (the packed forward).
     step("service_torch", lambda: service({"MGEO_BACKEND": "torch"}))
