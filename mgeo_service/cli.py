@@ -99,7 +99,8 @@ def _train(args, settings) -> int:
         options.update(epochs=args.epochs)
     if args.stage == "student":
         options.update(layers=args.layers, threads=args.threads, alpha=args.alpha, temperature=args.temperature,
-                       init=args.init, **({"soft_labels": args.soft_labels} if args.soft_labels else {}))
+                       init=args.init, resume=args.resume,
+                       **({"soft_labels": args.soft_labels} if args.soft_labels else {}))
     summary = train(args.stage, args.data, args.out, args.splits, shenzhen=args.shenzhen, contrast=args.contrast,
                     unlabelled=args.unlabelled, limit=args.limit, device=args.device, **options)
     print(json.dumps(summary, ensure_ascii=False))
@@ -155,6 +156,8 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--steps", type=int, default=2000, help="pretrain: this many batches of masked text")
     train.add_argument("--init", default=None,
                        help="student: start from this --stage pretrain output instead of e5's layers")
+    train.add_argument("--resume", default=None,
+                       help="student: save progress to this file after each epoch, and go on from it if it exists")
     train.add_argument("--batch-size", type=int, default=32)
     train.add_argument("--learning-rate", type=float, default=1e-4)
     train.add_argument("--seed", type=int, default=20211)

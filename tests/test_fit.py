@@ -54,3 +54,55 @@ def test_without_distillation_every_loss_is_the_label_s():
     logits = torch.tensor([[0.5, 0.1, -0.2], [0.0, 0.3, 0.1]])
     losses = example_losses(logits, labels, soft, torch.ones(3), alpha=0.0, temperature=2.0)
     assert losses.tolist() == pytest.approx(torch.nn.functional.cross_entropy(logits, labels, reduction="none").tolist())
+
+
+# A run cut off between epochs (as a session's end or a pre-empted node cuts one) and started again.
+RESUMABLE_RUN = """
+import sys, torch
+from transformers import BertConfig, BertForSequenceClassification
+from mgeo_service.train.fit import fit
+
+torch.manual_seed(0)
+torch.set_num_threads(1)
+model = BertForSequenceClassification(BertConfig(
+    vocab_size=40, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64, num_labels=3))
+examples = [([2] + [5 + (i * 7 + j) % 30 for j in range(4 + i % 9)] + [3], [0] * (6 + i % 9), i % 3, None)
+            for i in range(1500)]
+fit(model, examples, examples[:60], [e[2] for e in examples[:60]], epochs=3, batch_size=16,
+    learning_rate=1e-3, seed=7, resume=sys.argv[1])
+torch.save(model.state_dict(), sys.argv[2])
+"""
+
+
+def test_a_run_cut_off_between_epochs_goes_on_to_the_same_weights(tmp_path):
+    import subprocess
+    import sys
+    import time
+
+    def start(progress, weights):
+        return subprocess.Popen([sys.executable, "-c", RESUMABLE_RUN, str(progress), str(weights)],
+                                stderr=subprocess.PIPE, text=True)
+
+    whole = start(tmp_path / "whole.pt", tmp_path / "whole.weights")
+    assert whole.wait(timeout=600) == 0, whole.stderr.read()
+    assert not (tmp_path / "whole.pt").exists()  # removed once the run is done
+
+    progress = tmp_path / "cut.pt"
+    cut = start(progress, tmp_path / "cut.weights")
+    while not progress.exists() and cut.poll() is None:
+        time.sleep(0.01)
+    cut.kill()
+    cut.wait()
+    assert progress.exists(), "the run ended before it could be cut off"
+    saved_epoch = torch.load(progress, weights_only=False)["epoch"]
+    assert saved_epoch < 3
+    again = start(progress, tmp_path / "cut.weights")
+    _, bars = again.communicate(timeout=600)
+    assert again.returncode == 0, bars
+    # It went on from the saved epoch (tqdm's bars name each epoch it trained), not from the start.
+    assert f"epoch {saved_epoch}/3" not in bars and "epoch 3/3" in bars
+
+    expected, resumed = torch.load(tmp_path / "whole.weights"), torch.load(tmp_path / "cut.weights")
+    assert expected.keys() == resumed.keys()
+    for name in expected:
+        assert torch.equal(expected[name], resumed[name]), name

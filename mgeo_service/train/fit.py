@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import random
 from typing import Callable, Sequence
 
@@ -121,12 +122,16 @@ def example_losses(logits, labels, soft, weights, alpha: float, temperature: flo
 
 def fit(model, train_set, val_set, val_labels: list[int], *, epochs: int, batch_size: int,
         learning_rate: float, seed: int, device="cpu", alpha: float = 0.0, temperature: float = 2.0,
-        name: str = "model") -> dict:
+        name: str = "model", resume: str | None = None) -> dict:
     """Fine-tune in place; the epoch best on validation macro-F1 is loaded back at the end.
 
     Each example's loss is ``alpha * KL(teacher || student) * T^2 + (1 - alpha) * cross-entropy``
     (weighted by class); an unlabelled example has only the first term, and one the teacher never
     scored only the second, at full weight. A batch's loss is their mean.
+
+    With ``resume``, everything the next epoch depends on (weights, optimiser, schedule, both random
+    states, the best epoch so far) is saved there after each epoch, and a run that finds the file
+    goes on from it, to the same result as one uninterrupted run; the file is removed at the end.
     """
     model.to(device)
     weights = class_weights(train_set).to(device)
@@ -138,7 +143,13 @@ def fit(model, train_set, val_set, val_labels: list[int], *, epochs: int, batch_
         optimiser, lambda s: min((s + 1) / warmup, max(0.0, (total_steps - s) / (total_steps - warmup))))
     best = {"macro_f1": -1.0}
     history = []
-    for epoch in range(1, epochs + 1):
+    run = {"examples": len(train_set), "epochs": epochs, "batch_size": batch_size,
+           "learning_rate": learning_rate, "seed": seed, "alpha": alpha, "temperature": temperature}
+    done = 0
+    if resume and os.path.exists(resume):
+        done, history, best = _restore(resume, run, model, optimiser, scheduler, rng)
+        log.info("%s: resuming after epoch %d of %d from %s", name, done, epochs, resume)
+    for epoch in range(done + 1, epochs + 1):
         model.train()
         bar = tqdm(batches(train_set, batch_size, rng), desc=f"{name} epoch {epoch}/{epochs}", unit="batch",
                    mininterval=30)
@@ -162,5 +173,30 @@ def fit(model, train_set, val_set, val_labels: list[int], *, epochs: int, batch_
         if score > best["macro_f1"]:
             best = {"macro_f1": score, "epoch": epoch,
                     "state": {k: v.detach().clone() for k, v in model.state_dict().items()}}
+        if resume:
+            _save_progress(resume, run, epoch, history, best, model, optimiser, scheduler, rng)
     model.load_state_dict(best["state"])
+    if resume and os.path.exists(resume):
+        os.remove(resume)
     return {"history": history, "best_epoch": best["epoch"], "class_weights": [round(float(w), 4) for w in weights]}
+
+
+def _save_progress(path, run, epoch, history, best, model, optimiser, scheduler, rng):
+    # Written aside, then renamed: a run cut off while saving leaves the previous epoch's file whole.
+    torch.save({"run": run, "epoch": epoch, "history": history, "best": best, "model": model.state_dict(),
+                "optimiser": optimiser.state_dict(), "scheduler": scheduler.state_dict(),
+                "rng": rng.getstate(), "torch_rng": torch.get_rng_state()}, path + ".part")
+    os.replace(path + ".part", path)
+
+
+def _restore(path, run, model, optimiser, scheduler, rng):
+    saved = torch.load(path, weights_only=False)
+    if saved["run"] != run:
+        raise ValueError(f"{path} was saved by a run with other settings ({saved['run']}, not {run}): "
+                         "remove it to start again")
+    model.load_state_dict(saved["model"])
+    optimiser.load_state_dict(saved["optimiser"])
+    scheduler.load_state_dict(saved["scheduler"])
+    rng.setstate(saved["rng"])
+    torch.set_rng_state(saved["torch_rng"])
+    return saved["epoch"], saved["history"], saved["best"]

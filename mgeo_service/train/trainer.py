@@ -130,7 +130,8 @@ def pretrain_student(data: TrainingData, out_dir: str, *, layers: int, steps: in
 def train_student(data: TrainingData, out_dir: str, *, layers: int, epochs: int, batch_size: int,
                   learning_rate: float, max_length: int, seed: int, alpha: float, temperature: float,
                   data_dir: str, soft_labels: str = DISTILLATION_DIR, threads: int | None = None,
-                  e5_file: str | None = None, init: str | None = None, device: str = "cpu") -> dict:
+                  e5_file: str | None = None, init: str | None = None, device: str = "cpu",
+                  resume: str | None = None) -> dict:
     started = time.time()
     vocab, tokenizer, model = seeded_student(data, data_dir, out_dir, layers, seed, threads, e5_file)
     if init:
@@ -147,7 +148,7 @@ def train_student(data: TrainingData, out_dir: str, *, layers: int, epochs: int,
     val_labels = [p.label for p in validation]
     result = fit(model, train_set, val_set, val_labels, epochs=epochs, batch_size=batch_size,
                  learning_rate=learning_rate, seed=seed, alpha=alpha, temperature=temperature, device=device,
-                 name="student")
+                 name="student", resume=resume)
 
     best = result["history"][result["best_epoch"] - 1]["validation_macro_f1"]
     model.cpu()
