@@ -15,8 +15,9 @@ Work nobody will wait for is never computed:
 - **admission**: a request is refused (``overloaded``) before it is even tokenised when the
   pairs already waiting, at the forward rate this worker measures, would keep it from being
   answered by its deadline. The bound is in seconds of this worker's own work, so it fits
-  any model and device without a setting. ``full`` says whether any new request would be
-  refused now: the worker then refuses before a thread takes the request (``worker.py``);
+  any model and device without a setting, and is measured afresh after each idle spell. ``full``
+  says whether any new request would be refused now: the worker then refuses before a thread
+  takes the request (``worker.py``);
 - **deadlines**: a request whose deadline passes before its forward starts gets
   ``deadline_exceeded`` at its deadline, and its pairs are skipped;
 - **a client gone**: a request whose client closes the connection while it waits leaves the
@@ -78,13 +79,19 @@ def failure_reason(exc: BaseException) -> str:
 
 class ForwardRate:
     """What this worker's forwards cost, measured: exponentially weighted means of one forward's
-    pairs per second and of its duration. Unknown (None) until the first forward."""
+    pairs per second and of its duration. Unknown (None) until the first forward, and again from
+    when the worker goes idle (``forget``): forwards slowed by a flood (its own clients share the
+    CPU) would otherwise refuse the next burst until a few forwards at normal speed, and the first
+    forward after idle measures afresh."""
 
     WEIGHT = 0.2  # the last few forwards count most: the rate follows a change of traffic within a second
 
     def __init__(self):
         self.pairs_per_second: float | None = None
         self.forward_seconds: float | None = None
+
+    def forget(self) -> None:
+        self.pairs_per_second = self.forward_seconds = None
 
     def observe(self, pairs: int, seconds: float) -> None:
         seconds = max(seconds, 1e-6)
@@ -263,6 +270,8 @@ class MicroBatcher:
             finally:
                 with self._lock:
                     self._running_pairs -= sum(len(job.encoded) for job in jobs)
+                    if not self._running_pairs and not self._queued_pairs:
+                        self.rate.forget()  # idle: until the next forward, admission has only max_requests
 
     def _execute(self, jobs: list[_Job]) -> None:
         try:

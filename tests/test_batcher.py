@@ -215,6 +215,29 @@ def test_an_idle_worker_admits_whatever_the_rate_says():
     assert submit(batcher, [pair()], deadline_seconds=0.5).shape == (1, 3)
 
 
+def test_a_worker_that_went_idle_measures_its_rate_afresh():
+    forward = GatedForward()
+    batcher = MicroBatcher(forward, max_pairs=32, wait_seconds=0, instrument=False, threads=1, max_requests=2)
+    batcher.rate.observe(1, 100.0)  # measured under a flood: so slow that any wait would refuse
+    busy = occupy(batcher, forward)
+    assert batcher.full(1.5).reason == "overloaded"
+    forward.release.set()
+    busy.join(30)
+    wait_until(lambda: batcher.rate.pairs_per_second is None)  # idle: the flood's rate is forgotten
+    forward.entered.clear()
+    forward.release.clear()
+    busy = occupy(batcher, forward)
+    assert batcher.full(1.5) is None  # a burst after idle is admitted while its first forward measures
+    queued = threading.Thread(target=submit, args=(batcher, [pair()]))
+    queued.start()
+    wait_until(lambda: batcher._requests == 2)
+    assert batcher.full(HOUR).reason == "overloaded"  # bounded still by max_requests
+    forward.release.set()
+    for thread in (busy, queued):
+        thread.join(30)
+    assert batcher._requests == 0
+
+
 def test_forward_rate_follows_the_forwards():
     rate = ForwardRate()
     rate.observe(10, 0.1)
