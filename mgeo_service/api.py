@@ -13,6 +13,7 @@ import hmac
 import json
 import os
 import re
+import time
 
 from flask import Blueprint, current_app, g, request
 from opentelemetry import trace
@@ -208,11 +209,15 @@ def score(route: str):
         pairs, extra = BODY_PARSERS[route](data, settings.max_pairs, settings.max_address_chars)
         deadline = request_deadline(g.started, settings.request_timeout_ms)
     request_span.set_attribute("mgeo.pairs", len(pairs))
-    # A worker that has just started (first start, reload, restart) answers once its model is in.
+    # A worker that has just started (first start, reload, restart) answers once its model is in. That wait
+    # is the deployment's, not the request's: its deadline moves by as much (a client that gives up meanwhile
+    # is seen by its close, and never computed for).
+    waiting_since = time.perf_counter()
     state.loader.wait(settings.load_wait_seconds)
     if state.loader.state != READY:
         raise ApiError(503, "not_ready", f"the model is not ready ({state.loader.reason or 'model_loading'})",
                        {"Retry-After": "1"})
+    deadline += time.perf_counter() - waiting_since
     matcher = state.loader.matcher
     with tracer.start_as_current_span("cache lookup"):
         keys = [pair_key(matcher.model_id, a, b) for a, b in pairs]
