@@ -31,16 +31,17 @@ $(MODELSCOPE_STAMP):
 
 # The tools the tests run for real: Debian's prometheus (server and promtool),
 # prometheus-alertmanager (server and amtool), prometheus-node-exporter (the dashboard's host row),
-# docker-compose (parses the compose file) and chromium (renders the /docs page headless),
+# docker-compose (parses the compose file), nginx (the compose file's proxy, run in front of a live
+# service) and chromium (renders the /docs page headless),
 # kubectl's kustomize (present on these machines), the custom-resource schemas from npm, pinned
 # by tests/kubernetes/package-lock.json, and ModelScope's venv (above).
 test-tools: $(MODELSCOPE_STAMP)
 	@if ! command -v prometheus >/dev/null || ! command -v promtool >/dev/null \
 			|| ! command -v prometheus-alertmanager >/dev/null || ! command -v amtool >/dev/null \
 			|| ! command -v prometheus-node-exporter >/dev/null || ! command -v docker-compose >/dev/null \
-			|| ! command -v chromium >/dev/null; then \
+			|| ! command -v nginx >/dev/null || ! command -v chromium >/dev/null; then \
 		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
-			prometheus prometheus-alertmanager prometheus-node-exporter docker-compose chromium; \
+			prometheus prometheus-alertmanager prometheus-node-exporter docker-compose nginx chromium; \
 	fi
 	@command -v kubectl >/dev/null || (echo "kubectl (with kustomize) is needed: https://kubernetes.io/docs/tasks/tools/" >&2; exit 1)
 	@test -d tests/kubernetes/node_modules || npm ci --prefix tests/kubernetes --no-audit --no-fund

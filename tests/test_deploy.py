@@ -4,14 +4,16 @@ import importlib
 import json
 import os
 import re
+import socket
 import subprocess
 import sys
+import time
 
 import kubernetes_validate
 import pytest
 import yaml
 
-from conftest import ROOT, RULE_FILES, http
+from conftest import ROOT, RULE_FILES, free_port, http
 from mgeo_service.config import LIBRARY_VARIABLES, SETTINGS, load_settings
 
 KUBERNETES = os.path.join(ROOT, "deploy", "kubernetes")
@@ -22,7 +24,8 @@ CUSTOM_KINDS = {"ServiceMonitor", "PodMonitor", "PrometheusRule", "AlertmanagerC
 VARIANTS = {
     "cpu": ["overlays/cpu"],
     "gpu": ["overlays/gpu"],
-    "alternatives": ["base", "components/hpa-cpu", "components/podmonitor", "components/mgeo-checkpoint"],
+    "alternatives": ["base", "components/hpa-cpu", "components/podmonitor", "components/mgeo-checkpoint",
+                     "components/ingress-nginx"],
 }
 
 
@@ -75,7 +78,8 @@ def test_each_variant_renders_its_objects(rendered):
     core = ["AlertmanagerConfig", "Deployment", "PodDisruptionBudget", "PrometheusRule", "Service"]
     assert kinds["cpu"] == sorted(core + ["Namespace", "ScaledObject", "ServiceMonitor"])
     assert kinds["gpu"] == sorted(core + ["Namespace", "PersistentVolumeClaim", "ScaledObject", "ServiceMonitor"])
-    assert kinds["alternatives"] == sorted(core + ["HorizontalPodAutoscaler", "PersistentVolumeClaim", "PodMonitor"])
+    assert kinds["alternatives"] == sorted(core + ["HorizontalPodAutoscaler", "Ingress", "PersistentVolumeClaim",
+                                                   "PodMonitor"])
     for name in ("cpu", "gpu"):
         assert {d["metadata"].get("namespace") for d in rendered[name] if d["kind"] != "Namespace"} == {"mgeo"}
 
@@ -88,7 +92,7 @@ def test_core_objects_pass_the_kubernetes_schemas(rendered):
                 kubernetes_validate.validate(doc, KUBERNETES_VERSION, strict=True)
                 checked.add(doc["kind"])
     assert checked == {"Namespace", "Deployment", "Service", "PodDisruptionBudget", "PersistentVolumeClaim",
-                        "HorizontalPodAutoscaler"}
+                        "HorizontalPodAutoscaler", "Ingress"}
     broken = {**one(rendered["cpu"], "Deployment"), "spec": {"replicas": "two"}}
     with pytest.raises(kubernetes_validate.ValidationError):
         kubernetes_validate.validate(broken, KUBERNETES_VERSION, strict=True)
@@ -278,7 +282,7 @@ def test_the_compose_file_parses_and_mounts_what_exists():
                             text=True, cwd=ROOT, timeout=60)
     assert result.returncode == 0, result.stderr
     compose = yaml.safe_load(result.stdout)
-    assert set(compose["services"]) == {"mgeo", "prometheus", "alertmanager", "grafana", "node-exporter"}
+    assert set(compose["services"]) == {"nginx", "mgeo", "prometheus", "alertmanager", "grafana", "node-exporter"}
     for name, spec in compose["services"].items():
         for volume in spec.get("volumes", []):
             source = volume["source"] if isinstance(volume, dict) else volume.split(":")[0]
@@ -291,6 +295,8 @@ def test_the_compose_file_parses_and_mounts_what_exists():
         assert groups and all(isinstance(g["targets"], list) for g in groups)
     mgeo = compose["services"]["mgeo"]
     assert set(mgeo.get("environment", {})) <= set(SETTINGS) | set(LIBRARY_VARIABLES)
+    # Clients reach the API through nginx only.
+    assert "ports" not in mgeo and compose["services"]["nginx"]["environment"]["MGEO_UPSTREAM"] == "mgeo:5000"
 
 
 def test_the_dockerfile_copies_what_exists_and_runs_as_non_root():
@@ -305,3 +311,77 @@ def test_the_dockerfile_copies_what_exists_and_runs_as_non_root():
     assert user and user[-1] not in ("root", "0")
     assert re.search(r"^ARG BASE_IMAGE=", dockerfile, re.M) and "FROM ${BASE_IMAGE}" in dockerfile
     assert re.search(r"^EXPOSE 5000 8000$", dockerfile, re.M)
+
+
+def nginx_in_front(tmp_path, upstream_port: int) -> tuple[subprocess.Popen, str]:
+    """Debian's nginx with the compose file's template, filled in as the official image does; (process, url)."""
+    with open(os.path.join(ROOT, "deploy", "compose", "nginx", "mgeo.conf.template"), encoding="utf-8") as f:
+        template = f.read()
+    port = free_port()
+    tmp_path.mkdir()
+    site = template.replace("${MGEO_UPSTREAM}", f"127.0.0.1:{upstream_port}").replace("${NGINX_PORT}",
+                                                                                    f"127.0.0.1:{port}")
+    (tmp_path / "mgeo.conf").write_text(site)
+    # The official image's nginx.conf, reduced to what a run as this user in tmp_path needs.
+    (tmp_path / "nginx.conf").write_text(f"""
+daemon off;
+pid {tmp_path}/nginx.pid;
+error_log {tmp_path}/error.log info;
+events {{ worker_connections 1024; }}
+http {{
+    access_log {tmp_path}/access.log;
+    client_body_temp_path {tmp_path}/body;
+    proxy_temp_path {tmp_path}/proxy;
+    include {tmp_path}/mgeo.conf;
+}}
+""")
+    check = subprocess.run(["nginx", "-t", "-p", str(tmp_path), "-c", str(tmp_path / "nginx.conf")],
+                           capture_output=True, text=True, timeout=30)
+    assert check.returncode == 0, check.stderr
+    process = subprocess.Popen(["nginx", "-p", str(tmp_path), "-c", str(tmp_path / "nginx.conf")])
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 30
+    while True:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            return process, url
+        except OSError:
+            assert time.monotonic() < deadline and process.poll() is None, "nginx did not start"
+            time.sleep(0.05)
+
+
+def test_nginx_in_front_holds_slow_clients_and_passes_whole_requests(service_factory, tmp_path):
+    service = service_factory(MGEO_WORKERS="1", MGEO_THREADS="8").wait_ready()
+    proxy, url = nginx_in_front(tmp_path / "nginx", int(service.url.rsplit(":", 1)[1]))
+    try:
+        # Twice the worker's threads in bodies that stop short of their Content-Length.
+        slow = []
+        for _ in range(16):
+            sock = socket.create_connection(("127.0.0.1", int(url.rsplit(":", 1)[1])), timeout=60)
+            sock.sendall(b"POST /predict HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                         b"Content-Length: 100\r\n\r\n{\"address1\": ")
+            slow.append(sock)
+        pair = {"address1": "北京市朝阳区建国路88号", "address2": "北京朝阳建国路88号"}
+        for n in range(20):
+            status, headers, body = http("POST", url + "/predict", pair, headers={"X-Request-ID": f"through-{n}"})
+            assert status == 200 and body["label"] in ("exact_match", "partial_match", "not_match"), body
+            assert headers["X-Request-ID"] == f"through-{n}"  # the client's id, passed on and echoed
+        # Each slow connection ends at nginx's body timeout; the service never saw one of them.
+        for sock in slow:
+            answer = sock.recv(4096)
+            assert answer == b"" or answer.startswith(b"HTTP/1.1 408"), answer[:100]
+            sock.close()
+        lines = [json.loads(line) for line in service.log().splitlines() if line.startswith('{"ts"')]
+        predicts = [line for line in lines if line.get("route") == "/predict"]
+        assert [line["status"] for line in predicts] == [200] * 20
+        # nginx's own refusals keep the service's JSON error shape.
+        status, _, body = http("POST", url + "/predict", b"{" + b" " * 70000 + b"}",
+                               headers={"Content-Type": "application/json"})
+        assert status == 413 and body["error"]["code"] == "payload_too_large"
+        service.process.terminate()
+        service.process.wait(60)
+        status, headers, body = http("POST", url + "/predict", pair)
+        assert status == 502 and body["error"]["code"] == "upstream_unavailable" and headers["Retry-After"] == "1"
+    finally:
+        proxy.terminate()
+        proxy.wait(30)
