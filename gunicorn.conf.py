@@ -13,9 +13,10 @@ from mgeo_service.server import SidecarSupervisor
 # Import the heavy libraries once in the master, so that a worker forked from it starts in
 # a fraction of a second. Importing initialises neither CUDA nor any thread pool; the app,
 # its metrics, the model and CUDA are all created in each worker after the fork.
+# Not ONNX Runtime: its module state, made at import, cannot be destroyed in a forked child
+# (every worker's exit aborted with std::system_error), so each worker imports it itself.
 import torch  # noqa: F401
 import transformers.models.bert.modeling_bert  # noqa: F401
-import onnxruntime  # noqa: F401
 import mgeo_service.engines.packed  # noqa: F401  (compiles its TorchScript once, here)
 
 _settings = load_settings_or_exit("mgeo-service")

@@ -427,7 +427,8 @@ def peer_bentoml(seconds: int, connections: int, multiples=(2, 4), give_up: floa
     try:
         wait_for(f"http://127.0.0.1:{port}/readyz", timeout=300)
         return bursts(f"http://127.0.0.1:{port}/predict", seconds, connections, multiples, give_up, listed=True,
-                      probes={"live": f"http://127.0.0.1:{port}/livez", "ready": f"http://127.0.0.1:{port}/readyz"})
+                      probes={"live": f"http://127.0.0.1:{port}/livez", "ready": f"http://127.0.0.1:{port}/readyz"},
+                      keep_alive=(False, True))
     finally:
         process.stop()
 
