@@ -22,6 +22,7 @@ log = logging.getLogger(__name__)
 
 # MGeo's entity-alignment labels, in the model's output order.
 LABELS = ("not_match", "partial_match", "exact_match")
+PAIR_ORDERS = ("given", "canonical")  # Checkpoint.pair_order
 
 # Names a checkpoint may give its labels, mapped to ours.
 _LABEL_ALIASES = {
@@ -55,6 +56,10 @@ class Checkpoint:
     labels: tuple[str, ...]  # labels[i] is the label of output i
     name: str
     version: str
+    # "canonical": each pair is scored with its two addresses in one fixed order (the smaller string first),
+    # so an answer never depends on which came first; "given": as sent. The model's own choice
+    # (config.json's ``mgeo_pair_order``), "given" where it makes none.
+    pair_order: str
     directory: str
     digest: str  # sha256 of config.json and the weights file: what the model computes, for caches keyed by it
 
@@ -120,9 +125,17 @@ def load_checkpoint(model_dir: str) -> Checkpoint:
         labels=labels,
         name=raw_config.get("mgeo_model_name") or os.path.basename(os.path.abspath(model_dir)),
         version=raw_config.get("mgeo_model_version") or weights_digest[:12],
+        pair_order=_pair_order(raw_config),
         directory=model_dir,
         digest=hashlib.sha256(f"{_file_digest(config_path)} {weights_digest}".encode()).hexdigest(),
     )
+
+
+def _pair_order(raw_config: dict) -> str:
+    order = raw_config.get("mgeo_pair_order", "given")
+    if order not in PAIR_ORDERS:
+        raise CheckpointError(f"config.json: mgeo_pair_order must be one of {', '.join(PAIR_ORDERS)}, not {order!r}")
+    return order
 
 
 def _read_json(path: str) -> dict:

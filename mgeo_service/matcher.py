@@ -106,6 +106,7 @@ class Matcher:
         self.layout = checkpoint.layout
         self.name = checkpoint.name
         self.version = checkpoint.version
+        self.pair_order = checkpoint.pair_order
         self.max_length = max_length
         self.batch_size, self.batch_tokens = batch_size, batch_tokens
         self.engine = load_engine(checkpoint, self.backend, self.device, threads=threads, fp16=fp16, int8=int8,
@@ -121,7 +122,10 @@ class Matcher:
         return f"{self.name}@{self.version}"
 
     def encode(self, pairs: Sequence[tuple[str, str]]) -> list[list[int]]:
-        """Token ids per pair as [CLS] a [SEP] b [SEP]; long pairs are truncated to max_length."""
+        """Token ids per pair as [CLS] a [SEP] b [SEP]; long pairs are truncated to max_length. A model
+        that scores pairs in canonical order (``Checkpoint.pair_order``) gets the smaller address first."""
+        if self.pair_order == "canonical":
+            pairs = [(a, b) if a <= b else (b, a) for a, b in pairs]
         encoded = self.tokenizer([a for a, _ in pairs], [b for _, b in pairs], truncation="longest_first",
                                  max_length=self.max_length, return_token_type_ids=True,
                                  return_attention_mask=False)

@@ -167,6 +167,9 @@ def train_student(data: TrainingData, out_dir: str, *, layers: int, epochs: int,
     contrast_right = (contrast_logits.argmax(-1) == torch.tensor([p.label for p in contrast])).tolist()
 
     model.config.mgeo_model_name = "mgeo-default"
+    # Trained on both orders, served in one: its answer cannot depend on which address came first
+    # (MODEL_CARD.md: canonical order against the given order and the mean of both, on validation).
+    model.config.mgeo_pair_order = "canonical"
     model.config.save_pretrained(out_dir)
     state = {k: v.detach().to(torch.float16).contiguous() for k, v in model.state_dict().items()
              if not k.endswith(("position_ids", "token_type_ids"))}
