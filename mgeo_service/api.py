@@ -1,4 +1,4 @@
-"""The HTTP API: ``POST /predict``, ``POST /rank`` and ``GET /openapi.json``.
+"""The HTTP API: ``POST /predict``, ``POST /rank``, ``GET /openapi.json`` and ``GET /``, a pointer to them.
 
 A request flows: authenticate -> read and validate the JSON -> its deadline -> result cache ->
 (the pairs it lacks) micro-batcher: admission, tokenising, deadlines -> matcher forward -> JSON.
@@ -271,3 +271,11 @@ def rank():
 @api.get("/openapi.json")
 def openapi():
     return json_response(OPENAPI)
+
+
+@api.get("/")
+def index():
+    """Where a person who opens the service's address in a browser goes next."""
+    return json_response({"service": "mgeo-service", "docs": "/docs/", "openapi": "/openapi.json",
+                          "scoring": ["POST /predict", "POST /rank"],
+                          "health": {"live": "/health/live", "ready": "/health/ready"}})

@@ -11,10 +11,12 @@ import os
 import re
 import time
 import uuid
+from urllib.parse import urlsplit
 
 from flask import Flask, Response, g, request
 from opentelemetry.trace import Tracer
 from werkzeug.exceptions import MethodNotAllowed
+from werkzeug.routing import RequestRedirect
 
 from . import logs, metrics, tracing
 from .connection import FIRST_BYTE_AT
@@ -25,12 +27,17 @@ _REQUEST_ID = re.compile(r"[A-Za-z0-9._:\-]{1,128}")
 
 
 def route_template(app: Flask) -> str:
-    """The matched route; a wrong method still names its route; unknown paths are all 'unmatched'."""
+    """The matched route; a wrong method still names its route, and a redirect (``/docs`` to ``/docs/``)
+    the route it leads to; unknown paths are all 'unmatched'."""
     if request.url_rule is not None:
         return request.url_rule.rule
+    adapter = app.url_map.bind_to_environ(request.environ)
     if isinstance(request.routing_exception, MethodNotAllowed):
-        adapter = app.url_map.bind_to_environ(request.environ)
         rule, _ = adapter.match(method=request.routing_exception.valid_methods[0], return_rule=True)
+        return rule.rule
+    if isinstance(request.routing_exception, RequestRedirect):
+        rule, _ = adapter.match(urlsplit(request.routing_exception.new_url).path, method=request.method,
+                                return_rule=True)
         return rule.rule
     return "unmatched"
 

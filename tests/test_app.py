@@ -341,3 +341,25 @@ def test_the_openapi_address_pattern_says_what_the_server_takes():
     disagree = [hex(c) for c in range(sys.maxunicode + 1) if not 0xD800 <= c <= 0xDFFF
                 and (pattern.search(chr(c)) is None) != is_blank(chr(c))]
     assert not disagree
+
+
+def test_the_root_points_a_person_to_the_docs_and_the_routes(client):
+    response = client.get("/")
+    assert response.status_code == 200 and response.mimetype == "application/json"
+    body = response.get_json()
+    assert body["docs"] == "/docs/" and body["openapi"] == "/openapi.json"
+    for path in (body["docs"], body["openapi"], body["health"]["live"]):
+        assert client.get(path).status_code == 200
+    assert body["scoring"] == ["POST /predict", "POST /rank"]
+
+
+def test_a_redirect_is_counted_under_the_route_it_leads_to(client):
+    from prometheus_client import REGISTRY
+
+    def count(endpoint):
+        return REGISTRY.get_sample_value("mgeo_request_total",
+                                         {"method": "GET", "endpoint": endpoint, "status": "308"}) or 0.0
+
+    before_docs, before_unmatched = count("/docs/"), count("unmatched")
+    assert client.get("/docs").status_code == 308
+    assert count("/docs/") == before_docs + 1 and count("unmatched") == before_unmatched
