@@ -12,13 +12,19 @@ MODELSCOPE_STAMP := $(MODELSCOPE_VENV)/.installed
 
 install: $(STAMP)
 
-# Idempotent: re-runs only when the package's declared dependencies change.
+# Idempotent: re-runs only when the package's declared dependencies change. What serving needs only:
+# the test tools come with `make test`, training's with `make train`.
 # torch is pinned to the CPU build that lies on disk here; any other spec pulls CUDA packages.
 $(STAMP): setup.cfg pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q torch==2.13.0
-	$(PY) -m pip install -q -e '.[test]'
+	$(PY) -m pip install -q -e .
 	touch $(STAMP)
+
+TEST_STAMP := $(VENV)/.installed-test
+$(TEST_STAMP): $(STAMP)
+	$(PY) -m pip install -q -e '.[test]'
+	touch $(TEST_STAMP)
 
 run: install
 	$(VENV)/bin/mgeo-service serve
@@ -46,7 +52,7 @@ test-tools: $(MODELSCOPE_STAMP)
 	@command -v kubectl >/dev/null || (echo "kubectl (with kustomize) is needed: https://kubernetes.io/docs/tasks/tools/" >&2; exit 1)
 	@test -d tests/kubernetes/node_modules || npm ci --prefix tests/kubernetes --no-audit --no-fund
 
-test: install test-tools
+test: $(TEST_STAMP) test-tools
 	$(PY) -m pytest
 
 # BentoML, a peer of the overload bench, in its own venv: it pins its own OpenTelemetry and Starlette.
@@ -58,8 +64,9 @@ $(BENTOML_STAMP):
 	$(BENTOML_VENV)/bin/pip install -q bentoml==1.4.40 transformers==$$($(PY) -c 'import transformers; print(transformers.__version__)')
 	touch $(BENTOML_STAMP)
 
-# wrk drives the HTTP loads; LitServe, prometheus_flask_exporter and BentoML are the peers compared against.
-bench: install $(BENTOML_STAMP)
+# wrk drives the HTTP loads (the open-loop generator's uvloop comes with the test extra); LitServe,
+# prometheus_flask_exporter and BentoML are the peers compared against.
+bench: $(TEST_STAMP) $(BENTOML_STAMP)
 	@command -v wrk >/dev/null || (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq wrk)
 	$(PY) -m pip install -q -e '.[bench]'
 	$(PY) bench/run.py

@@ -169,7 +169,7 @@ def parse_rank_body(data, max_pairs: int, max_chars: int) -> tuple[list[tuple[st
             pairs.append((query, _address(candidate, "address", where + ".", max_chars)))
             ids.append({"id": candidate["id"]} if "id" in candidate else {})
         else:
-            pairs.append((query, _address({"address": candidate}, "address", where + ".", max_chars)))
+            pairs.append((query, _address({where: candidate}, where, "", max_chars)))  # named as it was sent
             ids.append({})
     return pairs, (ids, top_n)
 

@@ -109,3 +109,12 @@ def test_a_live_rank_is_counted_under_its_own_route(service_factory):
     lines = [json.loads(line) for line in service.log().splitlines() if line.startswith('{"ts"')]
     assert [line["status"] for line in lines if line["route"] == "/rank"] == [200, 400]
     assert QUERIES[0] not in service.log()
+
+
+@pytest.mark.parametrize("candidates, named", [
+    ([CANDIDATES[0], " "], "candidates[1] must have a visible character"),
+    ([CANDIDATES[0], {"address": " ", "id": 3}], "candidates[1].address must have a visible character"),
+])
+def test_an_error_names_the_field_the_request_sent(client, candidates, named):
+    response = client.post("/rank", json={"query": QUERIES[0], "candidates": candidates})
+    assert response.status_code == 400 and response.get_json()["error"]["message"] == named
