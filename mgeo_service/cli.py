@@ -19,28 +19,21 @@ def _matcher(args, settings):
 
 
 def _pairs_to_predict(args) -> list[tuple[str, str]]:
-    """The pairs from the command line, or from ``--file`` (``-``: standard input): ``address1<TAB>address2``
-    per line, further columns ignored. A blank address is refused, as the API refuses it."""
+    """The pairs from the command line, or from ``--file`` (``-``: standard input), read as evaluation
+    reads its files (``dataset.pair_rows``: a header skipped, further columns ignored). A blank address
+    is refused, as the API refuses it."""
+    from .dataset import is_blank, pair_rows
     if args.file is None:
         if args.address2 is None:
             raise ValueError("give two addresses, or --file")
-        lines = [(1, [args.address1, args.address2])]
-    elif args.address1 is not None:
+        if is_blank(args.address1) or is_blank(args.address2):
+            raise ValueError("an address has no visible character")
+        return [(args.address1, args.address2)]
+    if args.address1 is not None:
         raise ValueError("give two addresses or --file, not both")
-    else:
-        source = sys.stdin if args.file == "-" else open(args.file, encoding="utf-8")
-        with source:
-            lines = [(n, line.rstrip("\r\n").split("\t")) for n, line in enumerate(source, start=1) if line.strip()]
-    from .dataset import is_blank
-    pairs = []
-    for number, fields in lines:
-        where = f"line {number}: " if args.file is not None else ""
-        if len(fields) < 2:
-            raise ValueError(f"{where}expected address1<TAB>address2")
-        if is_blank(fields[0]) or is_blank(fields[1]):
-            raise ValueError(f"{where}an address has no visible character")
-        pairs.append((fields[0], fields[1]))
-    return pairs
+    source = sys.stdin if args.file == "-" else open(args.file, encoding="utf-8")
+    with source:
+        return [(fields[0], fields[1]) for _, fields in pair_rows(source, "stdin" if args.file == "-" else args.file)]
 
 
 def _predict(args, settings) -> int:
