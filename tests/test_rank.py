@@ -55,6 +55,7 @@ def test_ids_round_trip_as_given_and_top_n_cuts(client):
     assert top == full[:3]
     assert rank(client, {"query": QUERIES[0], "candidates": candidates, "top_n": 3.0}).get_json()["results"] == top
     assert rank(client, {"query": QUERIES[0], "candidates": candidates, "top_n": 100}).get_json()["results"] == full
+    assert rank(client, {"query": QUERIES[0], "candidates": candidates, "top_n": None}).get_json()["results"] == full
 
 
 def test_the_same_candidate_twice_ranks_by_position(client):
