@@ -92,3 +92,19 @@ def test_a_long_list_gets_through_a_shedding_worker_each_pair_answered_once_in_o
     scored = sum(v for (name, _), v in service.scrape().items() if name == "mgeo_pairs_total") - pairs_total
     assert len(answered) == 40 and sum(answered) > 0
     assert scored == len(MANY) + sum(answered)  # none scored twice: refusals computed nothing
+
+
+def test_the_client_waits_what_retry_after_says(service_factory, tmp_path):
+    # A worker whose model cannot load answers every /predict 503 not_ready with Retry-After: 1.
+    service = service_factory(MGEO_WORKERS="1", MGEO_MODEL_DIR=str(tmp_path / "missing"))
+    service.wait_until(lambda: http("GET", service.url + "/health/ready")[2].get("reason") == "model_load_failed",
+                       60, "readiness to report the failed load")
+    client = Client(service.url, max_wait=3.5)
+    with pytest.raises(ApiError) as refused:
+        client.predict(PAIRS[:1])
+    assert refused.value.status == 503 and refused.value.code == "not_ready"
+    tries = [line["ts"] for line in service.access_lines() if line["route"] == "/predict"]
+    # At least a second between tries, as the header says: a slow machine only adds to it. Without the
+    # wait, 3.5 s would hold about 70 tries at the client's own 50 ms pause.
+    assert 2 <= len(tries) <= 4 and client.retries == len(tries) - 1
+    assert all(later - earlier >= 0.99 for earlier, later in zip(tries, tries[1:])), tries
