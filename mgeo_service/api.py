@@ -34,6 +34,11 @@ TIMEOUT_HEADER = "X-Request-Timeout-Ms"  # a client's own deadline, in milliseco
 TIMEOUT_PATTERN = re.compile(r"[ \t]*0*[1-9][0-9]*[ \t]*")
 with open(os.path.join(os.path.dirname(__file__), "openapi.json"), encoding="utf-8") as _spec:
     OPENAPI = json.load(_spec)  # the API's description, served at /openapi.json and kept true by tests
+# Without MGEO_API_TOKEN no route asks for one: the description served then names no token (no lock icon).
+OPENAPI_WITHOUT_TOKEN = {
+    **OPENAPI, "components": {k: v for k, v in OPENAPI["components"].items() if k != "securitySchemes"},
+    "paths": {path: {method: {k: v for k, v in operation.items() if k != "security"}
+                     for method, operation in methods.items()} for path, methods in OPENAPI["paths"].items()}}
 
 api = Blueprint("api", __name__)
 
@@ -270,7 +275,7 @@ def rank():
 
 @api.get("/openapi.json")
 def openapi():
-    return json_response(OPENAPI)
+    return json_response(OPENAPI if current_app.extensions["mgeo"].settings.api_token else OPENAPI_WITHOUT_TOKEN)
 
 
 @api.get("/")

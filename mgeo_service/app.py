@@ -105,8 +105,9 @@ def create_app(settings: Settings | None = None, loader: ModelLoader | None = No
     app.register_blueprint(health)
     # An interactive page for /openapi.json, from the pinned flask-swagger-ui package's own files: no
     # request leaves the host (its validator badge would call validator.swagger.io; it is off).
+    # Every operation open ("full"): a first visit shows each route with its real example, ready to send.
     app.register_blueprint(get_swaggerui_blueprint("/docs", "/openapi.json", {
-        "app_name": "mgeo-service API", "validatorUrl": None, "tryItOutEnabled": True}))
+        "app_name": "mgeo-service API", "validatorUrl": None, "tryItOutEnabled": True, "docExpansion": "full"}))
     if settings.cors_origins:  # opt-in: browser pages of these origins may call the scoring routes
         cors = {"origins": list(settings.cors_origins), "methods": ["POST"], "max_age": 600,
                 "allow_headers": ["Content-Type", "Authorization", "X-Request-Timeout-Ms", "X-Request-ID",

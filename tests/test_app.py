@@ -363,3 +363,28 @@ def test_a_redirect_is_counted_under_the_route_it_leads_to(client):
     before_docs, before_unmatched = count("/docs/"), count("unmatched")
     assert client.get("/docs").status_code == 308
     assert count("/docs/") == before_docs + 1 and count("unmatched") == before_unmatched
+
+
+def test_the_description_names_the_token_only_where_one_is_set(client):
+    from mgeo_service.api import OPENAPI
+    assert make_app(MGEO_API_TOKEN="s3cret").test_client().get("/openapi.json").get_json() == OPENAPI
+    assert "securitySchemes" not in client.get("/openapi.json").get_json()["components"]
+
+
+@pytest.mark.parametrize("route", ["/predict", "/rank"])
+def test_every_example_of_the_description_is_answered_as_it_says(client, route):
+    from mgeo_service.api import OPENAPI
+    operation = OPENAPI["paths"][route]["post"]
+    requests = operation["requestBody"]["content"]["application/json"]["examples"]
+    answers = operation["responses"]["200"]["content"]["application/json"]["examples"]
+    assert any("北京" in json.dumps(example["value"], ensure_ascii=False) for example in requests.values())
+    labels = {"exact_match", "not_match"}  # each example is a clear case, never a partial one
+    for name, example in requests.items():
+        response = client.post(route, json=example["value"])
+        assert response.status_code == 200, (name, response.get_json())
+        got = response.get_json()
+        if name in answers:
+            expected = answers[name]["value"]
+            shape = lambda body: [(r.get("index"), r.get("id"), r["label"]) for r in body.get("results", [body])]
+            assert shape(got) == shape(expected), name
+        assert {r["label"] for r in got.get("results", [got])} <= labels, name

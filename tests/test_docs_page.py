@@ -21,6 +21,10 @@ def test_the_docs_page_renders_both_routes_in_a_browser_without_leaving_the_host
     # Swagger UI rendered the description: an operation block per route, from /openapi.json
     assert {"/predict", "/rank"} <= set(re.findall(r'data-path="(/[a-z.]+)"', dom))
     assert "mgeo-service" in dom
+    # Each operation open with its real example (a Chinese address pair), not one made up from the schema;
+    # labels as choices; no token asked for where none is configured.
+    assert "北京市海淀区中关村大街1号" in dom and "北京海淀中关村大街1号" in dom
+    assert "exact_match" in dom and "btn authorize" not in dom  # Swagger UI's Authorize button
     # Every request the page made (its initiator is the page's origin; the browser's own update and
     # account checks are not the page's) went to the service.
     events = json.loads(net_log.read_text(encoding="utf-8"))["events"]
