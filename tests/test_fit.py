@@ -56,7 +56,7 @@ def test_without_distillation_every_loss_is_the_label_s():
     assert losses.tolist() == pytest.approx(torch.nn.functional.cross_entropy(logits, labels, reduction="none").tolist())
 
 
-# A run cut off between epochs (as a session's end or a pre-empted node cuts one) and started again.
+# A run cut off (as a session's end or a pre-empted node cuts one) and started again.
 RESUMABLE_RUN = """
 import sys, torch
 from transformers import BertConfig, BertForSequenceClassification
@@ -69,12 +69,12 @@ model = BertForSequenceClassification(BertConfig(
 examples = [([2] + [5 + (i * 7 + j) % 30 for j in range(4 + i % 9)] + [3], [0] * (6 + i % 9), i % 3, None)
             for i in range(1500)]
 fit(model, examples, examples[:60], [e[2] for e in examples[:60]], epochs=3, batch_size=16,
-    learning_rate=1e-3, seed=7, resume=sys.argv[1])
+    learning_rate=1e-3, seed=7, resume=sys.argv[1], save_every=20)
 torch.save(model.state_dict(), sys.argv[2])
 """
 
 
-def test_a_run_cut_off_between_epochs_goes_on_to_the_same_weights(tmp_path):
+def test_a_run_cut_off_goes_on_from_where_it_was_to_the_same_weights(tmp_path):
     import subprocess
     import sys
     import time
@@ -94,13 +94,16 @@ def test_a_run_cut_off_between_epochs_goes_on_to_the_same_weights(tmp_path):
     cut.kill()
     cut.wait()
     assert progress.exists(), "the run ended before it could be cut off"
-    saved_epoch = torch.load(progress, weights_only=False)["epoch"]
-    assert saved_epoch < 3
+    saved = torch.load(progress, weights_only=False)
+    epoch, step = saved["epoch"] + 1, saved["step"]  # the epoch it was in, and its batches done
+    assert epoch <= 3
     again = start(progress, tmp_path / "cut.weights")
     _, bars = again.communicate(timeout=600)
     assert again.returncode == 0, bars
-    # It went on from the saved epoch (tqdm's bars name each epoch it trained), not from the start.
-    assert f"epoch {saved_epoch}/3" not in bars and "epoch 3/3" in bars
+    # It went on from there (tqdm's bars name each epoch it trained and start at the batches done), not
+    # from the start: an earlier epoch is not trained again, nor the saved one from its first batch.
+    assert all(f"epoch {e}/3" not in bars for e in range(1, epoch)) and "epoch 3/3" in bars
+    assert f"epoch {epoch}/3: " in bars and (f"| {step}/94 " in bars if step else True)
 
     expected, resumed = torch.load(tmp_path / "whole.weights"), torch.load(tmp_path / "cut.weights")
     assert expected.keys() == resumed.keys()

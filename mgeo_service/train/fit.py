@@ -122,16 +122,17 @@ def example_losses(logits, labels, soft, weights, alpha: float, temperature: flo
 
 def fit(model, train_set, val_set, val_labels: list[int], *, epochs: int, batch_size: int,
         learning_rate: float, seed: int, device="cpu", alpha: float = 0.0, temperature: float = 2.0,
-        name: str = "model", resume: str | None = None) -> dict:
+        name: str = "model", resume: str | None = None, save_every: int = 200) -> dict:
     """Fine-tune in place; the epoch best on validation macro-F1 is loaded back at the end.
 
     Each example's loss is ``alpha * KL(teacher || student) * T^2 + (1 - alpha) * cross-entropy``
     (weighted by class); an unlabelled example has only the first term, and one the teacher never
     scored only the second, at full weight. A batch's loss is their mean.
 
-    With ``resume``, everything the next epoch depends on (weights, optimiser, schedule, both random
-    states, the best epoch so far) is saved there after each epoch, and a run that finds the file
-    goes on from it, to the same result as one uninterrupted run; the file is removed at the end.
+    With ``resume``, everything the rest of the run depends on (weights, optimiser, schedule, both
+    random states, the batches done, the best epoch so far) is saved there every ``save_every``
+    batches and after each epoch, and a run that finds the file goes on from it, to the same result
+    as one uninterrupted run; the file is removed at the end.
     """
     model.to(device)
     weights = class_weights(train_set).to(device)
@@ -141,20 +142,23 @@ def fit(model, train_set, val_set, val_labels: list[int], *, epochs: int, batch_
     warmup = max(1, total_steps // 20)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimiser, lambda s: min((s + 1) / warmup, max(0.0, (total_steps - s) / (total_steps - warmup))))
-    best = {"macro_f1": -1.0}
-    history = []
-    run = {"examples": len(train_set), "epochs": epochs, "batch_size": batch_size,
-           "learning_rate": learning_rate, "seed": seed, "alpha": alpha, "temperature": temperature}
-    done = 0
+    progress = {"run": {"examples": len(train_set), "epochs": epochs, "batch_size": batch_size,
+                        "learning_rate": learning_rate, "seed": seed, "alpha": alpha, "temperature": temperature},
+                "epoch": 0, "step": 0, "running": 0.0, "history": [], "best": {"macro_f1": -1.0}}
     if resume and os.path.exists(resume):
-        done, history, best = _restore(resume, run, model, optimiser, scheduler, rng)
-        log.info("%s: resuming after epoch %d of %d from %s", name, done, epochs, resume)
-    for epoch in range(done + 1, epochs + 1):
+        progress = _restore(resume, progress["run"], model, optimiser, scheduler)
+        rng.setstate(progress["rng"])
+        log.info("%s: resuming at epoch %d, batch %d, from %s", name, progress["epoch"] + 1,
+                 progress.get("step", 0), resume)
+    history, best = progress["history"], progress["best"]
+    for epoch in range(progress["epoch"] + 1, epochs + 1):
+        progress.update(rng=rng.getstate())  # what this epoch's batches are drawn from
+        order = batches(train_set, batch_size, rng)
+        skip = progress.get("step", 0) if epoch == progress["epoch"] + 1 else 0
+        running = progress.get("running", 0.0) if skip else 0.0
         model.train()
-        bar = tqdm(batches(train_set, batch_size, rng), desc=f"{name} epoch {epoch}/{epochs}", unit="batch",
-                   mininterval=30)
-        running = 0.0
-        for step, index in enumerate(bar, start=1):
+        bar = tqdm(order, desc=f"{name} epoch {epoch}/{epochs}", unit="batch", mininterval=30, initial=skip)
+        for step, index in enumerate(order[skip:], start=skip + 1):
             ids, types, mask, labels, soft = collate(train_set, index, device)
             with _autocast(device):
                 logits = model(input_ids=ids, token_type_ids=types, attention_mask=mask).logits.float()
@@ -165,38 +169,43 @@ def fit(model, train_set, val_set, val_labels: list[int], *, epochs: int, batch_
             optimiser.step()
             scheduler.step()
             running += loss.item()
+            bar.update()
             if step % 50 == 0:
                 bar.set_postfix(loss=f"{running / step:.3f}")
+            if resume and step % save_every == 0 and step < len(order):
+                _save_progress(resume, {**progress, "step": step, "running": running}, model, optimiser, scheduler)
+        bar.close()
         score = macro_f1(logits_of(model, val_set, device), val_labels)
-        history.append({"epoch": epoch, "train_loss": round(running / step, 4), "validation_macro_f1": score})
+        history.append({"epoch": epoch, "train_loss": round(running / len(order), 4), "validation_macro_f1": score})
         log.info("%s epoch %d: validation macro-F1 %.4f", name, epoch, score)
         if score > best["macro_f1"]:
             best = {"macro_f1": score, "epoch": epoch,
                     "state": {k: v.detach().clone() for k, v in model.state_dict().items()}}
+        progress.update(epoch=epoch, step=0, running=0.0, history=history, best=best, rng=rng.getstate())
         if resume:
-            _save_progress(resume, run, epoch, history, best, model, optimiser, scheduler, rng)
+            _save_progress(resume, progress, model, optimiser, scheduler)
     model.load_state_dict(best["state"])
     if resume and os.path.exists(resume):
         os.remove(resume)
     return {"history": history, "best_epoch": best["epoch"], "class_weights": [round(float(w), 4) for w in weights]}
 
 
-def _save_progress(path, run, epoch, history, best, model, optimiser, scheduler, rng):
-    # Written aside, then renamed: a run cut off while saving leaves the previous epoch's file whole.
-    torch.save({"run": run, "epoch": epoch, "history": history, "best": best, "model": model.state_dict(),
-                "optimiser": optimiser.state_dict(), "scheduler": scheduler.state_dict(),
-                "rng": rng.getstate(), "torch_rng": torch.get_rng_state()}, path + ".part")
+def _save_progress(path, progress: dict, model, optimiser, scheduler):
+    """``progress``: the run's settings, the epochs done (``epoch``), the batches done of the next one
+    (``step``) and their summed loss, the random state its batches are drawn from (``rng``), history, best."""
+    # Written aside, then renamed: a run cut off while saving leaves the previous file whole.
+    torch.save({**progress, "model": model.state_dict(), "optimiser": optimiser.state_dict(),
+                "scheduler": scheduler.state_dict(), "torch_rng": torch.get_rng_state()}, path + ".part")
     os.replace(path + ".part", path)
 
 
-def _restore(path, run, model, optimiser, scheduler, rng):
+def _restore(path, run, model, optimiser, scheduler) -> dict:
     saved = torch.load(path, weights_only=False)
     if saved["run"] != run:
         raise ValueError(f"{path} was saved by a run with other settings ({saved['run']}, not {run}): "
                          "remove it to start again")
-    model.load_state_dict(saved["model"])
-    optimiser.load_state_dict(saved["optimiser"])
-    scheduler.load_state_dict(saved["scheduler"])
-    rng.setstate(saved["rng"])
-    torch.set_rng_state(saved["torch_rng"])
-    return saved["epoch"], saved["history"], saved["best"]
+    model.load_state_dict(saved.pop("model"))
+    optimiser.load_state_dict(saved.pop("optimiser"))
+    scheduler.load_state_dict(saved.pop("scheduler"))
+    torch.set_rng_state(saved.pop("torch_rng"))
+    return saved
