@@ -51,9 +51,19 @@ async def _one(host: str, port: int, payload: bytes, give_up: float, started: fl
                pool: list | None) -> Answer:
     writer = None
 
+    def idle_connection():
+        # As an HTTP pool does (urllib3's is_connection_dropped): a connection the server has closed
+        # meanwhile (its keep-alive timeout) is dropped, not sent on.
+        while pool:
+            reader, writer = pool.pop()
+            if not reader.at_eof() and not writer.is_closing():
+                return reader, writer
+            writer.close()
+        return None
+
     async def exchange():
         nonlocal writer
-        reader, writer = pool.pop() if pool else await asyncio.open_connection(host, port)
+        reader, writer = (pool is not None and idle_connection()) or await asyncio.open_connection(host, port)
         writer.write(payload)
         await writer.drain()
         if pool is None:
