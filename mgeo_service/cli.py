@@ -150,7 +150,8 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--init", default=None,
                        help="student: start from this --stage pretrain output instead of e5's layers")
     train.add_argument("--resume", default=None,
-                       help="student: save progress to this file after each epoch, and go on from it if it exists")
+                       help="student: save progress to this file every 200 batches and after each epoch, and go on "
+                            "from it if it exists")
     train.add_argument("--batch-size", type=int, default=32)
     train.add_argument("--learning-rate", type=float, default=1e-4)
     train.add_argument("--seed", type=int, default=20211)
