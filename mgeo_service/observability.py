@@ -31,15 +31,15 @@ def route_template(app: Flask) -> str:
     the route it leads to; unknown paths are all 'unmatched'."""
     if request.url_rule is not None:
         return request.url_rule.rule
-    adapter = app.url_map.bind_to_environ(request.environ)
-    if isinstance(request.routing_exception, MethodNotAllowed):
-        rule, _ = adapter.match(method=request.routing_exception.valid_methods[0], return_rule=True)
-        return rule.rule
-    if isinstance(request.routing_exception, RequestRedirect):
-        rule, _ = adapter.match(urlsplit(request.routing_exception.new_url).path, method=request.method,
-                                return_rule=True)
-        return rule.rule
-    return "unmatched"
+    exc = request.routing_exception
+    if isinstance(exc, MethodNotAllowed):
+        path, method = None, exc.valid_methods[0]
+    elif isinstance(exc, RequestRedirect):
+        path, method = urlsplit(exc.new_url).path, request.method
+    else:
+        return "unmatched"
+    rule, _ = app.url_map.bind_to_environ(request.environ).match(path, method=method, return_rule=True)
+    return rule.rule
 
 
 def request_id_from(incoming: str) -> str:
