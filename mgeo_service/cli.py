@@ -8,6 +8,7 @@ import sys
 
 from . import logs
 from .config import load_settings_or_exit
+from .progress import progress_bar
 
 
 def _matcher(args, settings):
@@ -43,7 +44,9 @@ def _predict(args, settings) -> int:
         print(f"mgeo-service predict: {exc}", file=sys.stderr)
         return 2
     matcher = _matcher(args, settings)
-    for prediction in matcher.predict(pairs):  # one JSON line per pair, in input order
+    with progress_bar(total=len(pairs), desc="predict", unit="pair", shown=args.file is not None) as bar:
+        predictions = matcher.predict(pairs, lambda count, _: bar.update(count))
+    for prediction in predictions:  # one JSON line per pair, in input order
         print(json.dumps({**prediction.as_dict(), "model": matcher.model_id}, ensure_ascii=False))
     return 0
 
@@ -56,7 +59,10 @@ def _evaluate(args, settings) -> int:
     except (OSError, DatasetError) as exc:
         print(f"mgeo-service evaluate: {exc}", file=sys.stderr)
         return 2
-    print(json.dumps(evaluate(_matcher(args, settings), pairs, args.predictions), ensure_ascii=False))
+    matcher = _matcher(args, settings)
+    with progress_bar(total=len(pairs), desc="evaluate", unit="pair") as bar:
+        report = evaluate(matcher, pairs, args.predictions, lambda count, _: bar.update(count))
+    print(json.dumps(report, ensure_ascii=False))
     return 0
 
 

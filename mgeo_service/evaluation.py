@@ -4,7 +4,7 @@ from __future__ import annotations
 import csv
 import time
 from collections import Counter
-from typing import Sequence
+from typing import Callable, Sequence
 
 from .checkpoint import LABELS
 from .dataset import LabelledPair
@@ -45,11 +45,12 @@ def write_predictions(path: str, pairs: Sequence[LabelledPair], predictions) -> 
                            *(prediction.scores[label] for label in LABELS), pair.kind])
 
 
-def evaluate(matcher, pairs: Sequence[LabelledPair], predictions_file: str | None = None) -> dict:
+def evaluate(matcher, pairs: Sequence[LabelledPair], predictions_file: str | None = None,
+             on_forward: Callable[[int, float], None] | None = None) -> dict:
     """Run the matcher over the pairs and report figures plus throughput; with ``predictions_file``, every
-    pair's answer too (``write_predictions``)."""
+    pair's answer too (``write_predictions``); ``on_forward`` hears of each forward (a progress bar)."""
     started = time.perf_counter()
-    predictions = matcher.predict([(p.address1, p.address2) for p in pairs])
+    predictions = matcher.predict([(p.address1, p.address2) for p in pairs], on_forward)
     seconds = time.perf_counter() - started
     if predictions_file:
         write_predictions(predictions_file, pairs, predictions)

@@ -131,11 +131,12 @@ class Matcher:
                                  return_attention_mask=False)
         return list(zip(encoded["input_ids"], encoded["token_type_ids"]))
 
-    def predict(self, pairs: Sequence[tuple[str, str]]) -> list[Prediction]:
-        """One prediction per pair, in input order."""
+    def predict(self, pairs: Sequence[tuple[str, str]],
+                on_forward: Callable[[int, float], None] | None = None) -> list[Prediction]:
+        """One prediction per pair, in input order; ``on_forward`` as ``forward_in_chunks`` takes it."""
         if not pairs:
             return []
-        probabilities = forward_in_chunks(self.forward, self.encode(pairs), self.batch_size,
+        probabilities = forward_in_chunks(self.forward, self.encode(pairs), self.batch_size, on_forward,
                                           max_tokens=self.batch_tokens)
         return [self.prediction(p) for p in probabilities]
 

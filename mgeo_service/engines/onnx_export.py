@@ -1,28 +1,31 @@
 """A checkpoint's ONNX files, exported once: what the ONNX Runtime engine (``ort.py``) loads.
 
 ``onnx_files`` finds, or makes, two files for a checkpoint: ``model.onnx`` (float32) and
-``model_int8.onnx`` (dynamic int8), both computing ``softmax(logits)`` from padded
-``input_ids``, ``attention_mask`` and ``token_type_ids``. Each file records the digest of the
-checkpoint it was exported from (``Checkpoint.digest``: config.json and the weights), and is
+``model_int8.onnx`` (int8), both computing ``softmax(logits)`` from padded ``input_ids``,
+``attention_mask`` and ``token_type_ids``. ``export.json`` beside them records the digest of the
+checkpoint they were exported from (``Checkpoint.digest``: config.json and the weights); they are
 used only for that checkpoint. They are looked for in two places:
 
 1. ``<model dir>/onnx/``: written by ``mgeo-service export`` (a Docker image's build step), and
    shipped with the default model, so ``make run`` exports nothing;
 2. ``<cache dir>/<digest>/``: ``MGEO_ONNX_CACHE_DIR``. Where neither holds them, the first
    worker to load the checkpoint exports into the cache under a file lock while the others wait
-   for the lock, then read what it wrote; a file appears whole (written aside, then renamed) or
-   not at all. A read-only model directory is never written to.
+   for the lock, then read what it wrote; ``export.json`` is written last, so a folder without it
+   is an unfinished export. A read-only model directory is never written to.
 
-The export: transformers' own forward (eager attention) traced by ``torch.onnx.export``, then
-ONNX Runtime's BERT optimiser fuses embeddings, attention, GELU and layer norms into single
-operators (unfused, ONNX Runtime would dispatch them as torch does, op by op). int8 is
-ONNX Runtime's dynamic quantisation of that graph (``INT8_OPTIONS``, chosen by measurement in
-docs/configuration.md). Weights that are exactly float16 values (the default model's) are
-stored as float16 and cast back at load, which halves the file and changes no result.
+The export: transformers' own forward (eager attention) traced by ``torch.onnx.export``. The float32
+file is that graph fused by ONNX Runtime's BERT optimiser (embeddings, attention, GELU and layer
+norms as single operators; unfused, ONNX Runtime would dispatch them as torch does, op by op).
+The int8 file is the unfused graph with each multiply by a weight matrix in integers
+(``int8_graph``): fused attention has no fast integer kernel, while ``MatMulInteger`` runs on the
+int8 dot-product instructions of CPUs that have them. Weights that are exactly float16 values (the
+default model's) are stored as float16 and cast back at load, which halves the file and changes no
+result.
 """
 from __future__ import annotations
 
 import fcntl
+import json
 import logging
 import os
 import tempfile
@@ -33,23 +36,24 @@ from contextlib import contextmanager
 import numpy as np
 import onnx
 import torch
-from onnx import numpy_helper
+from onnx import TensorProto, helper, numpy_helper
 
 from ..checkpoint import Checkpoint, CheckpointError, build_model
+from ..progress import progress_bar
 
 log = logging.getLogger(__name__)
 
-FLOAT_FILE, INT8_FILE = "model.onnx", "model_int8.onnx"
+FLOAT_FILE, INT8_FILE, RECORD_FILE = "model.onnx", "model_int8.onnx", "export.json"
 SHIPPED_FOLDER = "onnx"
-# Part of every file's key: bumped whenever the exported graph's inputs, outputs or steps change.
-EXPORT_FORMAT = "1"
+# Part of every export's key: bumped whenever the exported graphs' inputs, outputs or steps change.
+EXPORT_FORMAT = "2"
 INPUTS = ("input_ids", "attention_mask", "token_type_ids")
 OPSET = 17
-# Dynamic quantisation, chosen on the CCKS validation split (bench/int8_options.py; docs/configuration.md):
-# per-channel weight scales, 7-bit weights (reduce_range: the int16 sums of CPUs without VNNI cannot
-# saturate) and uint8 weights kept the most (macro-F1 0.6398 against float32's 0.6437; the other seven
-# 0.5565-0.6364). On an AVX2 CPU all eight ran at float32's speed (55-59 pairs/s against 57).
-INT8_OPTIONS = {"per_channel": True, "reduce_range": True, "weight_type": "QUInt8"}
+# int8 weights use 7 bits (-63..63), so that a CPU without VNNI, whose uint8 x int8 kernel adds pairs of
+# products in int16, never saturates: every CPU computes the same answers. Measured on the CCKS validation
+# split (bench/int8_options.py, docs/configuration.md): 8-bit weights kept 97.7% of float32's labels on an
+# AVX2 CPU, 7-bit 99.3%.
+INT8_WEIGHT_BITS = 7
 
 
 def default_cache_dir() -> str:
@@ -81,15 +85,15 @@ def file_key(checkpoint: Checkpoint) -> str:
 
 
 def exported_for(folder: str, key: str) -> bool:
-    """Whether ``folder`` holds both files, exported from the checkpoint with this key."""
-    paths = [os.path.join(folder, name) for name in (FLOAT_FILE, INT8_FILE)]
-    if not all(os.path.exists(p) for p in paths):
+    """Whether ``folder`` holds both files, exported from the checkpoint with this key (read from the
+    small record beside them: the files themselves are tens of megabytes of weights)."""
+    try:
+        with open(os.path.join(folder, RECORD_FILE), encoding="utf-8") as f:
+            record = json.load(f)
+    except (OSError, ValueError):
         return False
-    return all(_metadata(p).get("mgeo_export_key") == key for p in paths)
-
-
-def _metadata(path: str) -> dict[str, str]:
-    return {p.key: p.value for p in onnx.load_model(path, load_external_data=False).metadata_props}
+    return record.get("key") == key and all(os.path.exists(os.path.join(folder, name))
+                                            for name in (FLOAT_FILE, INT8_FILE))
 
 
 @contextmanager
@@ -103,53 +107,89 @@ def _locked(path: str):
 
 
 def export(checkpoint: Checkpoint, folder: str) -> None:
-    """Write both files for the checkpoint into ``folder`` (made if missing)."""
+    """Write both files for the checkpoint into ``folder`` (made if missing), then the record that names them."""
     started = time.perf_counter()
     os.makedirs(folder, exist_ok=True)
-    key = file_key(checkpoint)
-    with tempfile.TemporaryDirectory(dir=folder) as work:
-        fused = fused_graph(checkpoint, work)
-        int8_path = os.path.join(work, INT8_FILE)
-        quantise(fused, int8_path, **INT8_OPTIONS)
-        for model, name in ((_float16_storage(onnx.load_model(fused)), FLOAT_FILE),
-                            (onnx.load_model(int8_path), INT8_FILE)):
-            _mark(model, key)
-            onnx.save_model(model, os.path.join(work, name))
+    with tempfile.TemporaryDirectory(dir=folder) as work, progress_bar(total=3, desc="export", unit="graph") as bar:
+        traced = os.path.join(work, "traced.onnx")
+        _trace(build_model(checkpoint, attention="eager"), traced)
+        bar.update()
+        graphs = {FLOAT_FILE: lambda: fused_graph(traced, checkpoint, work),
+                  INT8_FILE: lambda: int8_graph(onnx.load_model(traced))}
+        for name, make in graphs.items():
+            onnx.save_model(_float16_storage(make()), os.path.join(work, name))
             os.replace(os.path.join(work, name), os.path.join(folder, name))
+            bar.update()
+        _write_record(os.path.join(folder, RECORD_FILE), file_key(checkpoint), work)
     log.info("exported the checkpoint to ONNX (float32 and int8) in %s in %.1fs",
              folder, time.perf_counter() - started)
 
 
-def fused_graph(checkpoint: Checkpoint, work: str) -> str:
-    """The checkpoint traced, then fused by ONNX Runtime's BERT optimiser: a float32 file in ``work``."""
+def fused_graph(traced: str, checkpoint: Checkpoint, work: str) -> onnx.ModelProto:
+    """The traced graph fused by ONNX Runtime's BERT optimiser."""
     from onnxruntime.transformers.optimizer import optimize_model
-    traced, fused = os.path.join(work, "traced.onnx"), os.path.join(work, "fused.onnx")
-    _trace(build_model(checkpoint, attention="eager"), traced)
     config = checkpoint.config
+    fused = os.path.join(work, "fused.onnx")
     optimize_model(traced, model_type="bert", num_heads=config.num_attention_heads,
                    hidden_size=config.hidden_size).save_model_to_file(fused)
-    return fused
+    return onnx.load_model(fused)
 
 
-def quantise(fused: str, path: str, per_channel: bool, reduce_range: bool, weight_type: str) -> None:
-    """ONNX Runtime's dynamic quantisation of ``fused_graph``'s file into ``path``."""
-    from onnxruntime.quantization import QuantType, quantize_dynamic
-    quiet = _QuantiserChatter()
-    logging.getLogger().addFilter(quiet)
-    try:
-        # The fused operators are ONNX Runtime's own, which shape inference cannot type: their outputs are float.
-        quantize_dynamic(fused, path, per_channel=per_channel, reduce_range=reduce_range,
-                         weight_type=getattr(QuantType, weight_type),
-                         extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT})
-    finally:
-        logging.getLogger().removeFilter(quiet)
+def int8_graph(model: onnx.ModelProto) -> onnx.ModelProto:
+    """``model`` (the unfused traced graph) with each ``MatMul`` by a weight matrix run as ``MatMulInteger``.
 
+    Weights: int8 of ``INT8_WEIGHT_BITS`` bits, one scale per output column. Inputs: each token's row scaled
+    by its own largest absolute value to -127..127 and offset to uint8 (zero point 128). A row's scale
+    depends on nothing but that row, so a pair gets the same answer alone or in any batch (ONNX Runtime's
+    dynamic quantisation scales a whole batch by its largest value: a pair's answer moved with its company),
+    and no calibration data is needed: any checkpoint is quantised at its export. Attention's own products
+    (queries by keys, weights by values) and the classifier head stay float32.
+    """
+    graph = model.graph
+    weights = {initializer.name: initializer for initializer in graph.initializer}
+    largest = 2 ** (INT8_WEIGHT_BITS - 1) - 1
+    added = [numpy_helper.from_array(value, name) for name, value in (
+        ("int8/step", np.array(1 / 127, np.float32)), ("int8/floor", np.array(1e-12, np.float32)),
+        ("int8/offset", np.array(128, np.float32)), ("int8/zero_point", np.array(128, np.uint8)))]
+    nodes, quantised = [], {}  # input tensor -> its (uint8 rows, row scales), made once for all its users
 
-class _QuantiserChatter(logging.Filter):
-    """The quantiser logs a line per tensor at INFO on the root logger; its warnings still pass."""
+    def node(op: str, inputs: list[str], output: str, **attributes) -> str:
+        nodes.append(helper.make_node(op, inputs, [output], name=output, **attributes))
+        return output
 
-    def filter(self, record: logging.LogRecord) -> bool:
-        return record.levelno >= logging.WARNING or "onnxruntime" not in record.pathname
+    for original in graph.node:
+        if original.op_type != "MatMul" or original.input[1] not in weights:
+            nodes.append(original)
+            continue
+        rows, weight = original.input
+        if rows not in quantised:
+            scale = node("Mul", [node("Max", [node("ReduceMax", [node("Abs", [rows], f"{rows}/int8/abs")],
+                                                   f"{rows}/int8/largest", axes=[-1], keepdims=1),
+                                              "int8/floor"], f"{rows}/int8/largest_or_floor"),
+                                 "int8/step"], f"{rows}/int8/scale")
+            offset = node("Add", [node("Round", [node("Div", [rows, scale], f"{rows}/int8/scaled")],
+                                       f"{rows}/int8/rounded"), "int8/offset"], f"{rows}/int8/offset")
+            quantised[rows] = (node("Cast", [offset], f"{rows}/int8/uint8", to=TensorProto.UINT8), scale)
+        uint8_rows, row_scale = quantised[rows]
+        values = numpy_helper.to_array(weights[weight]).astype(np.float32)
+        column_scale = np.maximum(np.abs(values).max(0), 1e-12) / largest
+        prefix = original.name
+        added += [numpy_helper.from_array(np.clip(np.round(values / column_scale), -largest, largest).astype(np.int8),
+                                          f"{prefix}/int8/weight"),
+                  numpy_helper.from_array(column_scale.astype(np.float32), f"{prefix}/int8/column_scale"),
+                  numpy_helper.from_array(np.array(0, np.int8), f"{prefix}/int8/weight_zero_point")]
+        sums = node("MatMulInteger", [uint8_rows, f"{prefix}/int8/weight", "int8/zero_point",
+                                      f"{prefix}/int8/weight_zero_point"], f"{prefix}/int8/sums")
+        scaled = node("Mul", [node("Cast", [sums], f"{prefix}/int8/float_sums", to=TensorProto.FLOAT), row_scale],
+                      f"{prefix}/int8/row_scaled")
+        nodes.append(helper.make_node("Mul", [scaled, f"{prefix}/int8/column_scale"], list(original.output),
+                                      name=f"{prefix}/int8"))
+    used = {name for n in nodes for name in n.input}
+    kept = [initializer for initializer in graph.initializer if initializer.name in used]
+    del graph.initializer[:], graph.node[:]
+    graph.initializer.extend(kept + added)
+    graph.node.extend(nodes)
+    return model
 
 
 class _Probabilities(torch.nn.Module):
@@ -198,9 +238,15 @@ def _float16_storage(model: onnx.ModelProto) -> onnx.ModelProto:
     return model
 
 
-def _mark(model: onnx.ModelProto, key: str) -> None:
+def _write_record(path: str, key: str, work: str) -> None:
+    """The export's record, written aside then renamed: it names the checkpoint and the versions that made it."""
     import onnxruntime
     import transformers
-    for name, value in (("mgeo_export_key", key), ("torch", torch.__version__),
-                        ("transformers", transformers.__version__), ("onnxruntime", onnxruntime.__version__)):
-        model.metadata_props.add(key=name, value=value)
+    record = {"key": key, "float32": FLOAT_FILE, "int8": INT8_FILE, "int8_weight_bits": INT8_WEIGHT_BITS,
+              "torch": torch.__version__, "transformers": transformers.__version__,
+              "onnxruntime": onnxruntime.__version__}
+    aside = os.path.join(work, RECORD_FILE)
+    with open(aside, "w", encoding="utf-8") as f:
+        json.dump(record, f, indent=1)
+        f.write("\n")
+    os.replace(aside, path)

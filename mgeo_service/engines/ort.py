@@ -1,6 +1,6 @@
 """The ONNX Runtime engine: every CPU forward unless ``MGEO_BACKEND=torch``.
 
-ONNX Runtime runs the checkpoint's exported graph (``onnx_export.py``) with its embeddings,
+ONNX Runtime runs the checkpoint's exported float32 graph (``onnx_export.py``) with its embeddings,
 attention, GELU and layer norms fused into single operators: on a CPU, faster than torch on the
 same weights (BENCHMARKS.md). It takes padded batches, so a forward runs its pairs in groups of
 similar length (``RUN_PADDING``), one ``run`` each: a batch of requests as they arrived, padded
@@ -8,9 +8,11 @@ whole, ran at 0.56 of the rate of the same pairs sorted by length; in such group
 ``run`` releases the GIL, as the torch engine's TorchScript call does, so forwards run side by
 side on the cores.
 
-int8 is served only where it pays here: at load both graphs are timed on the same batch with the
-worker's threads, and where int8 is not at least ``INT8_MIN_SPEEDUP`` times as fast (CPUs without
-fast int8 kernels) the engine serves float32 and says so (``note``, logged and in ``mgeo_model_info``).
+int8 (``onnx_export.int8_graph``: per-token input scales, so a pair's answer does not depend on its
+batch) is served only where it pays: at load both graphs are timed on the same batch with the worker's
+threads, and where int8 is not at least ``INT8_MIN_SPEEDUP`` times as fast (CPUs without int8
+dot-product instructions) the engine serves float32 and says so (``note``, logged and in
+``mgeo_model_info``).
 """
 from __future__ import annotations
 
@@ -29,8 +31,8 @@ from .onnx_export import onnx_files
 log = logging.getLogger(__name__)
 
 INT8_NOT_FASTER = "int8_not_faster_here"
-# int8 changes answers (batch-dependent, macro-F1 -0.004 on validation): served only where it is clearly
-# faster. On the 2-core AVX2 machine it measured 0.95-1.05x float32 with one thread: a coin toss per start.
+# int8 changes answers a little (validation macro-F1 -0.002, 0.7% of labels): served only where it is clearly
+# faster. On a 2-core AVX2 CPU it measured 0.9-1.05x float32: a coin toss per start without the margin.
 INT8_MIN_SPEEDUP = 1.1
 # A run's padded area may pass its real tokens by this factor. Measured, one thread, arrival-order batches of
 # 32 real pairs (pairs/s): 1.0: 54-57, 1.05: 55-56, 1.1: 54, 1.25: 48, 1.5: 40, whole batch: 32; a run

@@ -13,11 +13,11 @@ from typing import Callable, Sequence
 
 import numpy as np
 import torch
-from tqdm import tqdm
 
 from ..checkpoint import LABELS
 from ..dataset import LabelledPair
 from ..evaluation import classification_report
+from ..progress import progress_bar
 
 log = logging.getLogger(__name__)
 
@@ -157,7 +157,8 @@ def fit(model, train_set, val_set, val_labels: list[int], *, epochs: int, batch_
         skip = progress.get("step", 0) if epoch == progress["epoch"] + 1 else 0
         running = progress.get("running", 0.0) if skip else 0.0
         model.train()
-        bar = tqdm(order, desc=f"{name} epoch {epoch}/{epochs}", unit="batch", mininterval=30, initial=skip)
+        bar = progress_bar(total=len(order), desc=f"{name} epoch {epoch}/{epochs}", unit="batch", mininterval=30,
+                           initial=skip)
         for step, index in enumerate(order[skip:], start=skip + 1):
             ids, types, mask, labels, soft = collate(train_set, index, device)
             with _autocast(device):
@@ -172,6 +173,9 @@ def fit(model, train_set, val_set, val_labels: list[int], *, epochs: int, batch_
             bar.update()
             if step % 50 == 0:
                 bar.set_postfix(loss=f"{running / step:.3f}")
+            if step % save_every == 0 and step < len(order):
+                log.info("%s epoch %d/%d: batch %d of %d, loss %.3f", name, epoch, epochs, step, len(order),
+                         running / step)  # a log file's progress: the bar shows on a terminal only
             if resume and step % save_every == 0 and step < len(order):
                 _save_progress(resume, {**progress, "step": step, "running": running}, model, optimiser, scheduler)
         bar.close()

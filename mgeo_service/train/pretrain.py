@@ -27,9 +27,9 @@ import time
 import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
-from tqdm import tqdm
 
 from ..dataset import read_pairs
+from ..progress import progress_bar
 from .data import SHENZHEN_FILE, TrainingData, company_addresses, split_bucket
 from .fit import batches
 
@@ -175,7 +175,7 @@ def pretrain(data: TrainingData, data_dir: str, out_dir: str, tokenizer, student
         optimiser, lambda s: min((s + 1) / warmup, max(0.0, (steps - s) / (steps - warmup))))
     source = MaskedBatches(encoded, tokenizer, batch_size, seed)
     model.train()
-    bar = tqdm(total=steps, desc="pretrain", unit="batch", mininterval=30)
+    bar = progress_bar(total=steps, desc="pretrain", unit="batch", mininterval=30)
     step, running = 0, 0.0
     while step < steps:
         for ids, types, mask, targets in source.epoch():
@@ -190,6 +190,7 @@ def pretrain(data: TrainingData, data_dir: str, out_dir: str, tokenizer, student
             bar.update()
             if step % 100 == 0:
                 bar.set_postfix(loss=f"{running / 100:.3f}")
+                log.info("pretrain: step %d of %d, loss %.3f", step, steps, running / 100)
                 running = 0.0
             if step == steps:
                 break
