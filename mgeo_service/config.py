@@ -90,9 +90,9 @@ SETTINGS = {
                                     "(`mgeo-service export`); empty: $XDG_CACHE_HOME/mgeo-service/onnx, else "
                                     "~/.cache/mgeo-service/onnx"),
     "MGEO_FP16": _setting("0", _boolean, "run the model in float16 (CUDA only)"),
-    "MGEO_INT8": _setting("0", _boolean, "ONNX Runtime's dynamic int8 (CPU only): served where it measures at least "
+    "MGEO_INT8": _setting("0", _boolean, "int8 on ONNX Runtime (CPU only): served where it measures at least "
                           "1.1x as fast as float32 at load, else float32 with a warning; results close to "
-                          "float32's, not equal, and they depend on the batch (MODEL_CARD.md)"),
+                          "float32's, not equal, and the same for a pair in any batch (MODEL_CARD.md)"),
     "MGEO_MAX_LENGTH": _setting("128", _integer(8, 512), "tokens per pair; longer pairs are truncated"),
     "MGEO_TORCH_THREADS": _setting("0", _integer(0), "CPU threads each forward uses (torch's, or ONNX Runtime's "
                                    "intra-op threads); 0: 1 when serving (forwards run side by side instead), every "

@@ -111,8 +111,7 @@ def export(checkpoint: Checkpoint, folder: str) -> None:
     started = time.perf_counter()
     os.makedirs(folder, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=folder) as work, progress_bar(total=3, desc="export", unit="graph") as bar:
-        traced = os.path.join(work, "traced.onnx")
-        _trace(build_model(checkpoint, attention="eager"), traced)
+        traced = traced_graph(checkpoint, work)
         bar.update()
         graphs = {FLOAT_FILE: lambda: fused_graph(traced, checkpoint, work),
                   INT8_FILE: lambda: int8_graph(onnx.load_model(traced))}
@@ -125,6 +124,13 @@ def export(checkpoint: Checkpoint, folder: str) -> None:
              folder, time.perf_counter() - started)
 
 
+def traced_graph(checkpoint: Checkpoint, work: str) -> str:
+    """The checkpoint's forward traced into a float32 file in ``work``, unfused."""
+    path = os.path.join(work, "traced.onnx")
+    _trace(build_model(checkpoint, attention="eager"), path)
+    return path
+
+
 def fused_graph(traced: str, checkpoint: Checkpoint, work: str) -> onnx.ModelProto:
     """The traced graph fused by ONNX Runtime's BERT optimiser."""
     from onnxruntime.transformers.optimizer import optimize_model
@@ -135,10 +141,10 @@ def fused_graph(traced: str, checkpoint: Checkpoint, work: str) -> onnx.ModelPro
     return onnx.load_model(fused)
 
 
-def int8_graph(model: onnx.ModelProto) -> onnx.ModelProto:
+def int8_graph(model: onnx.ModelProto, weight_bits: int = INT8_WEIGHT_BITS) -> onnx.ModelProto:
     """``model`` (the unfused traced graph) with each ``MatMul`` by a weight matrix run as ``MatMulInteger``.
 
-    Weights: int8 of ``INT8_WEIGHT_BITS`` bits, one scale per output column. Inputs: each token's row scaled
+    Weights: int8 of ``weight_bits`` bits, one scale per output column. Inputs: each token's row scaled
     by its own largest absolute value to -127..127 and offset to uint8 (zero point 128). A row's scale
     depends on nothing but that row, so a pair gets the same answer alone or in any batch (ONNX Runtime's
     dynamic quantisation scales a whole batch by its largest value: a pair's answer moved with its company),
@@ -147,7 +153,7 @@ def int8_graph(model: onnx.ModelProto) -> onnx.ModelProto:
     """
     graph = model.graph
     weights = {initializer.name: initializer for initializer in graph.initializer}
-    largest = 2 ** (INT8_WEIGHT_BITS - 1) - 1
+    largest = 2 ** (weight_bits - 1) - 1
     added = [numpy_helper.from_array(value, name) for name, value in (
         ("int8/step", np.array(1 / 127, np.float32)), ("int8/floor", np.array(1e-12, np.float32)),
         ("int8/offset", np.array(128, np.float32)), ("int8/zero_point", np.array(128, np.uint8)))]
