@@ -110,7 +110,8 @@ def export(checkpoint: Checkpoint, folder: str) -> None:
     """Write both files for the checkpoint into ``folder`` (made if missing), then the record that names them."""
     started = time.perf_counter()
     os.makedirs(folder, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=folder) as work, progress_bar(total=3, desc="export", unit="graph") as bar:
+    with tempfile.TemporaryDirectory(dir=folder) as work, \
+            progress_bar(total=3, desc="export", unit="graph") as bar:
         traced = traced_graph(checkpoint, work)
         bar.update()
         graphs = {FLOAT_FILE: lambda: fused_graph(traced, checkpoint, work),
@@ -169,12 +170,12 @@ def int8_graph(model: onnx.ModelProto, weight_bits: int = INT8_WEIGHT_BITS) -> o
             continue
         rows, weight = original.input
         if rows not in quantised:
-            scale = node("Mul", [node("Max", [node("ReduceMax", [node("Abs", [rows], f"{rows}/int8/abs")],
-                                                   f"{rows}/int8/largest", axes=[-1], keepdims=1),
-                                              "int8/floor"], f"{rows}/int8/largest_or_floor"),
+            largest_value = node("ReduceMax", [node("Abs", [rows], f"{rows}/int8/abs")], f"{rows}/int8/largest",
+                                 axes=[-1], keepdims=1)
+            scale = node("Mul", [node("Max", [largest_value, "int8/floor"], f"{rows}/int8/largest_or_floor"),
                                  "int8/step"], f"{rows}/int8/scale")
-            offset = node("Add", [node("Round", [node("Div", [rows, scale], f"{rows}/int8/scaled")],
-                                       f"{rows}/int8/rounded"), "int8/offset"], f"{rows}/int8/offset")
+            rounded = node("Round", [node("Div", [rows, scale], f"{rows}/int8/scaled")], f"{rows}/int8/rounded")
+            offset = node("Add", [rounded, "int8/offset"], f"{rows}/int8/offset")
             quantised[rows] = (node("Cast", [offset], f"{rows}/int8/uint8", to=TensorProto.UINT8), scale)
         uint8_rows, row_scale = quantised[rows]
         values = numpy_helper.to_array(weights[weight]).astype(np.float32)

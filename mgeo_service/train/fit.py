@@ -176,8 +176,9 @@ def fit(model, train_set, val_set, val_labels: list[int], *, epochs: int, batch_
             if step % save_every == 0 and step < len(order):
                 log.info("%s epoch %d/%d: batch %d of %d, loss %.3f", name, epoch, epochs, step, len(order),
                          running / step)  # a log file's progress: the bar shows on a terminal only
-            if resume and step % save_every == 0 and step < len(order):
-                _save_progress(resume, {**progress, "step": step, "running": running}, model, optimiser, scheduler)
+                if resume:
+                    _save_progress(resume, {**progress, "step": step, "running": running}, model, optimiser,
+                                   scheduler)
         bar.close()
         score = macro_f1(logits_of(model, val_set, device), val_labels)
         history.append({"epoch": epoch, "train_loss": round(running / len(order), 4), "validation_macro_f1": score})
