@@ -29,7 +29,9 @@ def test_schemathesis_finds_nothing(service_factory, tmp_path):
          "not_a_server_error", "--max-examples", "40", "--workers", "2", "--seed", "20211"],
         # In tmp_path: schemathesis writes its crash cache (.schemathesis/) where it runs, not into the checkout.
         capture_output=True, text=True, timeout=300, cwd=tmp_path,
-        env={**os.environ, "PATH": os.path.dirname(sys.executable) + os.pathsep + os.environ["PATH"]})
+        env={**os.environ, "PATH": os.path.dirname(sys.executable) + os.pathsep + os.environ["PATH"],
+             # the address format's strategy (schemathesis_hooks.py)
+             "SCHEMATHESIS_HOOKS": "schemathesis_hooks", "PYTHONPATH": os.path.join(ROOT, "tests")})
     assert result.returncode == 0, result.stdout[-4000:]
     assert "No issues found" in result.stdout
     answers = [json.loads(line) for line in service.log().splitlines() if line.startswith('{"ts"')]
