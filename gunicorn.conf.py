@@ -48,6 +48,9 @@ def on_starting(server):
     if not path:
         sys.exit("mgeo-service: PROMETHEUS_MULTIPROC_DIR is not set; start with `mgeo-service serve`")
     multiproc.prepare(path)
+    # Ctrl-C (SIGINT) drains as SIGTERM does: requests in flight are answered and workers exit cleanly
+    # (Gunicorn's own INT is a quick stop). SIGQUIT stays the quick stop.
+    server.handle_int = server.handle_term
 
 
 def when_ready(server):

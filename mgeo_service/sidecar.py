@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
@@ -68,6 +69,9 @@ def _exit_with_parent(parent: int, server: ThreadingHTTPServer) -> None:
 
 def main() -> int:
     settings = load_settings_or_exit("mgeo-service sidecar")
+    # Ctrl-C reaches the whole process group: metrics stay served while the workers drain, and the
+    # master stops the sidecar when it exits.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     logs.configure(settings.log_level)
     multiproc_dir = os.environ["PROMETHEUS_MULTIPROC_DIR"]
     gpu = GpuPoller(settings.gpu_poll_seconds).start()

@@ -22,6 +22,7 @@ What this thread answers itself is logged with ``"answered_by": "main_thread"``.
 from __future__ import annotations
 
 import selectors
+import signal
 import socket
 import threading
 import time
@@ -102,6 +103,12 @@ class WholeRequestWorker(ThreadWorker):
         self.watched: set = set()  # conns whose request a thread answers, watched for a close
         self.current = threading.local()  # the conn a request thread answers
         super().init_process()
+
+    def init_signals(self):
+        super().init_signals()
+        # Ctrl-C reaches every process of the terminal's group: a worker drains on it as on SIGTERM (the
+        # master stops gracefully too: gunicorn.conf.py), not with Gunicorn's quick exit.
+        signal.signal(signal.SIGINT, self.handle_exit)
 
     def load_wsgi(self):
         super().load_wsgi()

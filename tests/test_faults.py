@@ -170,7 +170,8 @@ def test_an_unwritable_multiprocess_directory_stops_start_up(tmp_path):
     assert f"PROMETHEUS_MULTIPROC_DIR={target}" in result.stderr
 
 
-def test_sigterm_lets_in_flight_requests_finish(service_factory):
+@pytest.mark.parametrize("stop", ["SIGTERM to the master", "Ctrl-C: SIGINT to the whole process group"])
+def test_a_stop_lets_in_flight_requests_finish(service_factory, stop):
     # A deadline far above the six requests' work on any machine: what is tested is the shutdown, not admission.
     service = service_factory(MGEO_GRACEFUL_TIMEOUT="20", MGEO_REQUEST_TIMEOUT_MS="60000").wait_ready()
     big = {"pairs": [PAIR] * 64}
@@ -193,7 +194,10 @@ def test_sigterm_lets_in_flight_requests_finish(service_factory):
     for t in threads:
         t.start()
     service.wait_until(all_taken, 60, "the six requests taken by the workers")
-    service.process.send_signal(signal.SIGTERM)
+    if stop.startswith("SIGTERM"):
+        service.process.send_signal(signal.SIGTERM)
+    else:  # as a terminal sends it: master, workers and sidecar alike (the service runs in its own session)
+        os.killpg(service.process.pid, signal.SIGINT)
     for t in threads:
         t.join(60)
     assert service.process.wait(60) == 0
@@ -201,7 +205,7 @@ def test_sigterm_lets_in_flight_requests_finish(service_factory):
     # Each worker drained and exited cleanly: no native abort at exit, no signal for the master to report.
     log = service.log()
     assert log.count("Worker exiting") == 2
-    for crash in ("terminate called", "SIGABRT", "SIGSEGV", "exited with code"):
+    for crash in ("terminate called", "SIGABRT", "SIGSEGV", "exited with code", "Traceback", "sidecar exited"):
         assert crash not in log, crash
 
 
