@@ -84,9 +84,11 @@ pretrain: $(PRETRAINED)/encoder.safetensors
 # The student stage: the shipped weights, from the pretrained encoder and the committed teacher soft labels
 # (2 CPU cores: about 73 minutes on a fast CPU, 3.5 hours on an AVX2-only one). Progress is saved after each
 # epoch and every 200 batches, so `make train` run again after an interruption goes on where it stopped.
+# It ends with the ONNX export the model ships (float32 and int8, in seconds).
 train: pretrain
 	$(VENV)/bin/mgeo-service train --data ../shared/data --out mgeo_service/models/default --splits run/splits \
 		--init $(PRETRAINED) --resume run/student-progress.pt
+	$(VENV)/bin/mgeo-service export --model mgeo_service/models/default
 
 # The teacher stage, run once to write mgeo_service/train/distillation/ (a GPU: about 6 minutes).
 train-teacher: install
