@@ -61,6 +61,11 @@ def default_model_with(tmp_path, name: str, graph: str) -> str:
     return copy
 
 
+def each_alone(graph, encoded) -> torch.Tensor:
+    """The graph's probabilities for each encoded pair, run by itself."""
+    return torch.cat([torch.from_numpy(graph.run(None, padded([pair]))[0]) for pair in encoded])
+
+
 @pytest.fixture(scope="module")
 def shipped_files():
     return onnx_files(load_checkpoint(DEFAULT_MODEL_DIR), "")
@@ -85,9 +90,7 @@ def test_int8_keeps_the_answers_of_float32_on_the_shipped_pairs(default_matcher,
     float32, int8 = (session(path, threads=1) for path in shipped_files)
     labelled = [p for name in ("address_pairs.tsv", "contrast_pairs.tsv") for p in read_pairs(f"{DATA}/{name}")]
     encoded = default_matcher.encode(real_pairs() + [(p.address1, p.address2) for p in labelled])
-    in_float, in_int8 = ([torch.from_numpy(graph.run(None, padded([pair]))[0]) for pair in encoded]
-                         for graph in (float32, int8))
-    in_float, in_int8 = torch.cat(list(in_float)), torch.cat(list(in_int8))
+    in_float, in_int8 = each_alone(float32, encoded), each_alone(int8, encoded)
     difference = (in_int8 - in_float).abs().max(-1).values
     assert 0 < difference.median().item() <= INT8_MEDIAN and difference.max().item() <= INT8_LARGEST
     assert (in_int8.argmax(-1) == in_float.argmax(-1)).float().mean().item() >= INT8_AGREEMENT
@@ -115,9 +118,7 @@ def test_int8_is_served_where_it_measures_faster_and_gives_each_pair_its_answer_
     # the pair's own scale, whatever shares its forward: the same probabilities alone and in batches of
     # 3, 8, 32 and all pairs, mixed lengths and truncation included
     _, alone = assert_batches_match_alone(matcher, real_pairs(), TOLERANCE)
-    int8 = session(shipped_files[1], threads=1)
-    assert torch.equal(alone, torch.cat([torch.from_numpy(int8.run(None, padded([pair]))[0])
-                                         for pair in matcher.encode(real_pairs())]))
+    assert torch.equal(alone, each_alone(session(shipped_files[1], threads=1), matcher.encode(real_pairs())))
 
 
 def test_int8_slower_than_float32_is_not_served_and_the_fallback_says_why(shipped_files, tmp_path, caplog):
