@@ -39,6 +39,11 @@ _MODELSCOPE_DROPPED = (".crossattention.", "gis2text", "gis_type")
 _MODELSCOPE_DROPPED_PREFIXES = ("bert.gis_encoder.",)
 
 
+def canonical_order(address1: str, address2: str) -> tuple[str, str]:
+    """The pair as a model with ``pair_order`` "canonical" reads it: the smaller string first."""
+    return (address1, address2) if address1 <= address2 else (address2, address1)
+
+
 class CheckpointError(Exception):
     """The model cannot be served; the message says why, ``reason`` is a readiness code."""
 

@@ -60,7 +60,7 @@ def _evaluate(args, settings) -> int:
         print(f"mgeo-service evaluate: {exc}", file=sys.stderr)
         return 2
     matcher = _matcher(args, settings)
-    with progress_bar(total=len(pairs), desc="evaluate", unit="pair") as bar:
+    with progress_bar(total=2 * len(pairs), desc="evaluate", unit="pair") as bar:  # both orders
         report = evaluate(matcher, pairs, args.predictions, lambda count, _: bar.update(count))
     print(json.dumps(report, ensure_ascii=False))
     return 0
@@ -151,7 +151,9 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--splits", default="run/splits", help="where the data splits are written")
     train.add_argument("--device", default="cpu", help="where to train: cpu or cuda")
     train.add_argument("--layers", type=int, default=4)
-    train.add_argument("--epochs", type=int, default=4)
+    train.add_argument("--epochs", type=int, default=2,
+                       help="passes over the training pairs (the student reads each pair once per pass, in canonical "
+                            "order; make train-teacher passes 4)")
     train.add_argument("--steps", type=int, default=2000, help="pretrain: this many batches of masked text")
     train.add_argument("--init", default=None,
                        help="student: start from this --stage pretrain output instead of e5's layers")

@@ -1,9 +1,9 @@
-"""Classification figures for a matcher on labelled pairs."""
+"""Classification figures for a matcher on labelled pairs, the same pairs swapped, and ranked per query."""
 from __future__ import annotations
 
 import csv
 import time
-from collections import Counter
+from collections import Counter, defaultdict
 from typing import Callable, Sequence
 
 from .checkpoint import LABELS
@@ -35,6 +35,26 @@ def classification_report(truth: Sequence[int], predicted: Sequence[int]) -> dic
     }
 
 
+def ranking_report(pairs: Sequence[LabelledPair], similarities: Sequence[float]) -> dict:
+    """The pairs as a search ranks them: each query (``address1``) with candidates of more than one label,
+    its candidates ordered by similarity. ``top1``: the share of queries whose first candidate has the
+    best label among them (exact over partial over not); ``mrr``: the mean of 1 / the rank of the first
+    candidate with that label. Ties in similarity count against the model (the worst order is taken)."""
+    candidates = defaultdict(list)
+    for pair, similarity in zip(pairs, similarities):
+        candidates[pair.address1].append((similarity, pair.label))
+    reciprocal_ranks = []
+    for ranked in candidates.values():
+        best = max(label for _, label in ranked)
+        if all(label == best for _, label in ranked):
+            continue  # nothing to rank: every order is right
+        ranked.sort(key=lambda c: (-c[0], c[1] == best))
+        reciprocal_ranks.append(1 / next(rank for rank, (_, label) in enumerate(ranked, 1) if label == best))
+    n = len(reciprocal_ranks)
+    return {"queries": n, "top1": round(sum(r == 1 for r in reciprocal_ranks) / n, 4) if n else None,
+            "mrr": round(sum(reciprocal_ranks) / n, 4) if n else None}
+
+
 def write_predictions(path: str, pairs: Sequence[LabelledPair], predictions) -> None:
     """Every pair's answer beside its input and truth, one TSV row each, in input order, for review."""
     with open(path, "w", encoding="utf-8", newline="") as f:
@@ -47,15 +67,22 @@ def write_predictions(path: str, pairs: Sequence[LabelledPair], predictions) -> 
 
 def evaluate(matcher, pairs: Sequence[LabelledPair], predictions_file: str | None = None,
              on_forward: Callable[[int, float], None] | None = None) -> dict:
-    """Run the matcher over the pairs and report figures plus throughput; with ``predictions_file``, every
-    pair's answer too (``write_predictions``); ``on_forward`` hears of each forward (a progress bar)."""
+    """Run the matcher over the pairs and report figures plus throughput (of this first pass), the share
+    of pairs labelled the same with their addresses swapped (a second pass), and ``ranking_report``; with
+    ``predictions_file``, every pair's answer too (``write_predictions``); ``on_forward`` hears of each
+    forward of both passes (a progress bar)."""
     started = time.perf_counter()
     predictions = matcher.predict([(p.address1, p.address2) for p in pairs], on_forward)
     seconds = time.perf_counter() - started
     if predictions_file:
         write_predictions(predictions_file, pairs, predictions)
+    # The same pairs with the addresses swapped: an answer should not depend on which came first.
+    swapped = matcher.predict([(p.address2, p.address1) for p in pairs], on_forward)
     predicted = [LABELS.index(pr.label) for pr in predictions]
     report = classification_report([p.label for p in pairs], predicted)
+    report["order_agreement"] = round(sum(a.label == b.label for a, b in zip(predictions, swapped)) / len(pairs), 4) \
+        if pairs else None
+    report["ranking"] = ranking_report(pairs, [pr.similarity for pr in predictions])
     total, right = Counter(), Counter()
     for pair, label in zip(pairs, predicted):
         if pair.kind:

@@ -18,7 +18,7 @@ from typing import Callable, Sequence
 
 import torch
 
-from .checkpoint import LABELS, CheckpointError, load_checkpoint
+from .checkpoint import LABELS, CheckpointError, canonical_order, load_checkpoint
 from .engines import Encoded, load_engine, resolve_backend
 
 log = logging.getLogger(__name__)
@@ -125,7 +125,7 @@ class Matcher:
         """Token ids per pair as [CLS] a [SEP] b [SEP]; long pairs are truncated to max_length. A model
         that scores pairs in canonical order (``Checkpoint.pair_order``) gets the smaller address first."""
         if self.pair_order == "canonical":
-            pairs = [(a, b) if a <= b else (b, a) for a, b in pairs]
+            pairs = [canonical_order(a, b) for a, b in pairs]
         encoded = self.tokenizer([a for a, _ in pairs], [b for _, b in pairs], truncation="longest_first",
                                  max_length=self.max_length, return_token_type_ids=True,
                                  return_attention_mask=False)

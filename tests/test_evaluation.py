@@ -7,8 +7,8 @@ import sys
 import pytest
 
 from mgeo_service.checkpoint import LABELS
-from mgeo_service.dataset import DatasetError, read_pairs
-from mgeo_service.evaluation import classification_report
+from mgeo_service.dataset import DatasetError, LabelledPair, read_pairs
+from mgeo_service.evaluation import classification_report, ranking_report
 
 from conftest import DATA
 
@@ -28,12 +28,24 @@ def test_classification_report_by_hand():
     assert report["accuracy"] == pytest.approx(4 / 6, abs=1e-4)
 
 
+def test_ranking_report_by_hand():
+    pairs = [LabelledPair("q1", "a", 0), LabelledPair("q1", "b", 2), LabelledPair("q1", "c", 1),  # best: exact
+             LabelledPair("q2", "d", 1), LabelledPair("q2", "e", 0),  # best: partial
+             LabelledPair("q3", "f", 0), LabelledPair("q3", "g", 0),  # one label only: not ranked
+             LabelledPair("q4", "h", 2), LabelledPair("q4", "i", 0)]  # a tie: the worse order counts
+    similarities = [0.9, 0.8, 0.1, 0.7, 0.2, 0.5, 0.4, 0.6, 0.6]
+    report = ranking_report(pairs, similarities)
+    assert report == {"queries": 3, "top1": round(1 / 3, 4), "mrr": round((1 / 2 + 1 + 1 / 2) / 3, 4)}
+    assert ranking_report(pairs[5:7], similarities[5:7]) == {"queries": 0, "top1": None, "mrr": None}
+
+
 def test_evaluate_prints_one_json_object():
     result = run_cli("evaluate", f"{DATA}/address_pairs.tsv", "--batch-size", "16")
     assert result.returncode == 0, result.stderr
     report = json.loads(result.stdout)
     for key in ("macro_f1", "accuracy", "per_label", "confusion", "pairs", "pairs_per_second"):
         assert key in report
+    assert 0 <= report["order_agreement"] <= 1 and set(report["ranking"]) == {"queries", "top1", "mrr"}
     assert report["pairs"] == len(read_pairs(f"{DATA}/address_pairs.tsv"))
     assert set(report["per_label"]) == {"not_match", "partial_match", "exact_match"}
     assert all(set(v) >= {"precision", "recall", "f1"} for v in report["per_label"].values())

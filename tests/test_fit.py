@@ -20,7 +20,7 @@ def encode_pairs(firsts, seconds):
 def test_a_pair_the_teacher_never_scored_keeps_its_label_only():
     pairs = [LabelledPair("甲", "乙", 0, "ccks"), LabelledPair("丙", "丁", -1, "unlabelled"),
              LabelledPair("戊", "己", 2, "contrast")]
-    examples = encode(encode_pairs, pairs, both_orders=False, soft=lambda a, b: TEACHER.get((a, b)))
+    examples = encode(encode_pairs, pairs, "given", soft=lambda a, b: TEACHER.get((a, b)))
     _, _, _, labels, soft = collate(examples, [0, 1, 2], "cpu")
     assert soft[:2].tolist() == [t.tolist() for t in TEACHER.values()] and soft[2].isnan().all()
 
@@ -43,14 +43,31 @@ def test_a_pair_the_teacher_never_scored_keeps_its_label_only():
     assert all(math.isfinite(x) for x in losses.tolist())
 
 
+@pytest.mark.parametrize("order, read", [("given", [("甲", "乙"), ("丙", "丁")]),
+                                         ("both", [("甲", "乙"), ("丙", "丁"), ("乙", "甲"), ("丁", "丙")]),
+                                         ("canonical", [("乙", "甲"), ("丁", "丙")])])
+def test_pairs_are_read_in_the_order_asked_for(order, read):
+    seen = []
+
+    def recording(firsts, seconds):
+        seen.extend(zip(firsts, seconds))
+        return encode_pairs(firsts, seconds)
+
+    pairs = [LabelledPair("甲", "乙", 1, "ccks"), LabelledPair("丙", "丁", 0, "ccks")]
+    examples = encode(recording, pairs, order, soft=lambda a, b: TEACHER.get((a, b)))
+    assert seen == read and "乙" < "甲" and "丁" < "丙"  # canonical: the smaller string first, as served
+    assert [e[2] for e in examples] == [p.label for p in pairs] * (len(read) // len(pairs))
+    assert [e[3] is TEACHER.get(pair) for e, pair in zip(examples, read)] == [True] * len(read)  # read order's
+
+
 def test_an_unlabelled_pair_needs_a_soft_label():
     with pytest.raises(KeyError, match="--stage teacher"):
-        encode(encode_pairs, [LabelledPair("戊", "己", -1, "unlabelled")], both_orders=True,
+        encode(encode_pairs, [LabelledPair("戊", "己", -1, "unlabelled")], "both",
                soft=lambda a, b: TEACHER.get((a, b)))
 
 
 def test_without_distillation_every_loss_is_the_label_s():
-    examples = encode(encode_pairs, [LabelledPair("甲", "乙", 1, "ccks")], both_orders=True)
+    examples = encode(encode_pairs, [LabelledPair("甲", "乙", 1, "ccks")], "both")
     _, _, _, labels, soft = collate(examples, [0, 1], "cpu")
     logits = torch.tensor([[0.5, 0.1, -0.2], [0.0, 0.3, 0.1]])
     losses = example_losses(logits, labels, soft, torch.ones(3), alpha=0.0, temperature=2.0)

@@ -14,7 +14,7 @@ from typing import Callable, Sequence
 import numpy as np
 import torch
 
-from ..checkpoint import LABELS
+from ..checkpoint import LABELS, canonical_order
 from ..dataset import LabelledPair
 from ..evaluation import classification_report
 from ..progress import progress_bar
@@ -24,12 +24,16 @@ log = logging.getLogger(__name__)
 EncodePairs = Callable[[list[str], list[str]], list[tuple[list[int], list[int]]]]
 
 
-def encode(encode_pairs: EncodePairs, pairs: Sequence[LabelledPair], both_orders: bool,
+def encode(encode_pairs: EncodePairs, pairs: Sequence[LabelledPair], order: str,
            soft: Callable[[str, str], np.ndarray | None] | None = None) -> list[tuple]:
-    """Examples for ``pairs`` (and the pairs reversed, with ``both_orders``)."""
-    ordered = [(p.address1, p.address2, p.label) for p in pairs]
-    if both_orders:
-        ordered += [(p.address2, p.address1, p.label) for p in pairs]
+    """Examples for ``pairs``, each read in ``order``: "given", "both" (as given, then reversed) or
+    "canonical" (the smaller address first, as a model served in canonical order reads it)."""
+    if order == "canonical":
+        ordered = [(*canonical_order(p.address1, p.address2), p.label) for p in pairs]
+    else:
+        ordered = [(p.address1, p.address2, p.label) for p in pairs]
+    if order == "both":
+        ordered += [(b, a, label) for a, b, label in ordered]
     tokens = encode_pairs([a for a, _, _ in ordered], [b for _, b, _ in ordered])
     examples = [(ids, types, label, soft(a, b) if soft else None)
                 for (ids, types), (a, b, label) in zip(tokens, ordered)]

@@ -73,23 +73,23 @@ def train_teacher(data: TrainingData, out_dir: str, *, epochs: int, batch_size: 
 
     model = bert_from_e5(e5, e5.layers, e5.tensors["embeddings.word_embeddings.weight"])
     labelled = [p for p in data.train if p.label >= 0]
-    train_set = encode(encode_pairs, labelled, both_orders=True)
+    train_set = encode(encode_pairs, labelled, "both")
     validation = data.splits["validation"]
-    val_set = encode(encode_pairs, validation, both_orders=False)
+    val_set = encode(encode_pairs, validation, "given")
     result = fit(model, train_set, val_set, [p.label for p in validation], epochs=epochs, batch_size=batch_size,
                  learning_rate=learning_rate, seed=seed, device=device, name="teacher")
 
     figures = {}
     for name, pairs in (("validation", validation), ("test", data.splits["test"]),
                         ("contrast_validation", data.contrast_validation)):
-        figures[name] = _report(logits_of(model, encode(encode_pairs, pairs, False), device), pairs)
+        figures[name] = _report(logits_of(model, encode(encode_pairs, pairs, "given"), device), pairs)
     val_logits = logits_of(model, val_set, device)
     bias = calibrate_bias(val_logits, [p.label for p in validation])
     figures["validation_calibrated"] = {"bias": bias,
                                         "macro_f1": macro_f1(val_logits, [p.label for p in validation], bias)}
     log.info("teacher: %s", figures)
 
-    scored = encode(encode_pairs, data.train, both_orders=True)
+    scored = encode(encode_pairs, data.train, "both")
     logits = logits_of(model, scored, device).numpy()
     ordered = [(p.address1, p.address2) for p in data.train] + [(p.address2, p.address1) for p in data.train]
     keys = np.array([pair_key(a, b) for a, b in ordered], dtype=np.uint64)

@@ -15,9 +15,11 @@ the training side's address text (``pretrain.py``).
    embedding from its SentencePiece piece, the bottom N encoder layers; with ``--init``,
    its vocabulary, embeddings and layers come from the pretraining stage instead (so the
    contrast kinds and sample sizes can change without pretraining again).
-3. Fine-tune it as a cross-encoder on the training pairs (both orders), distilling the
-   teacher's soft labels and the hard labels (class-weighted); keep the epoch best on
-   CCKS validation.
+3. Fine-tune it as a cross-encoder on the training pairs, distilling the teacher's soft
+   labels and the hard labels (class-weighted); keep the epoch best on CCKS validation.
+   Every pair is read in canonical order (the smaller address first), the order the model
+   is served in (config.json's ``mgeo_pair_order``), so its answer cannot depend on which
+   address came first, and an epoch costs half of one over both orders.
 4. Calibrate the three output biases on validation for macro-F1, folded into the
    classifier so the saved model is a plain ``BertForSequenceClassification``.
 5. Save in Hugging Face layout, weights as float16 safetensors.
@@ -45,6 +47,8 @@ from .teacher import DISTILLATION_DIR, SoftLabels, train_teacher
 
 log = logging.getLogger(__name__)
 
+# The order the student reads every pair in, in training and when served (config.json's mgeo_pair_order).
+PAIR_ORDER = "canonical"
 SPECIAL_TOKENS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
 # ASCII letters and digits also appear inside words ("A404"), as WordPiece continuations.
 ASCII_PIECES = [chr(c) for c in range(33, 127) if not chr(c).isupper()]
@@ -147,9 +151,9 @@ def train_student(data: TrainingData, out_dir: str, *, layers: int, epochs: int,
 
     soft = SoftLabels.load(soft_labels) if alpha else None
     pairs = data.train if alpha else [p for p in data.train if p.label >= 0]
-    train_set = encode(encode_pairs, pairs, both_orders=True, soft=soft)
+    train_set = encode(encode_pairs, pairs, PAIR_ORDER, soft=soft)
     validation = data.splits["validation"]
-    val_set = encode(encode_pairs, validation, both_orders=False)
+    val_set = encode(encode_pairs, validation, PAIR_ORDER)
     val_labels = [p.label for p in validation]
     result = fit(model, train_set, val_set, val_labels, epochs=epochs, batch_size=batch_size,
                  learning_rate=learning_rate, seed=seed, alpha=alpha, temperature=temperature, device=device,
@@ -163,13 +167,11 @@ def train_student(data: TrainingData, out_dir: str, *, layers: int, epochs: int,
     calibrated = macro_f1(logits_of(model, val_set), val_labels)
     log.info("calibrated output bias %s: validation macro-F1 %.4f -> %.4f", bias, best, calibrated)
     contrast = data.contrast_validation
-    contrast_logits = logits_of(model, encode(encode_pairs, contrast, both_orders=False))
+    contrast_logits = logits_of(model, encode(encode_pairs, contrast, PAIR_ORDER))
     contrast_right = (contrast_logits.argmax(-1) == torch.tensor([p.label for p in contrast])).tolist()
 
     model.config.mgeo_model_name = "mgeo-default"
-    # Trained on both orders, served in one: its answer cannot depend on which address came first
-    # (MODEL_CARD.md: canonical order against the given order and the mean of both, on validation).
-    model.config.mgeo_pair_order = "canonical"
+    model.config.mgeo_pair_order = PAIR_ORDER
     model.config.save_pretrained(out_dir)
     state = {k: v.detach().to(torch.float16).contiguous() for k, v in model.state_dict().items()
              if not k.endswith(("position_ids", "token_type_ids"))}
@@ -177,10 +179,13 @@ def train_student(data: TrainingData, out_dir: str, *, layers: int, epochs: int,
     summary = {
         "seed": seed, "layers": layers, "epochs": epochs, "batch_size": batch_size,
         "learning_rate": learning_rate, "max_length": max_length, "alpha": alpha, "temperature": temperature,
-        "init": _pretraining_record(init),
+        "pair_order": PAIR_ORDER, "init": _pretraining_record(init),
         "data": data.sizes(), "vocab_size": len(vocab), "parameters": sum(p.numel() for p in model.parameters()),
         **result, "output_bias": bias, "validation_macro_f1": calibrated,
         "contrast_validation_accuracy": round(sum(contrast_right) / max(1, len(contrast)), 4),
+        "contrast_validation_by_kind": {kind: round(float(np.mean([r for r, p in zip(contrast_right, contrast)
+                                                                   if p.kind == kind])), 4)
+                                        for kind in sorted({p.kind for p in contrast})},
         "train_seconds": round(time.time() - started, 1),
     }
     with open(os.path.join(out_dir, "training.json"), "w", encoding="utf-8") as f:
