@@ -57,6 +57,15 @@ def test_batch_keeps_input_order(client):
         assert result["similarity"] == pytest.approx(single["similarity"], abs=1e-4)
 
 
+def test_the_answer_is_the_same_whichever_address_comes_first(client):
+    a, b = "北京市海淀区中关村大街1号", "北京市海淀区中关村大街11号"  # issue 35's first complaint
+    forward = post(client, {"address1": a, "address2": b}).get_json()
+    assert post(client, {"address1": b, "address2": a}).get_json() == forward
+    ranked = client.post("/rank", json={"query": b, "candidates": [a]}).get_json()["results"][0]
+    keys = ("label", "similarity", "scores")
+    assert [ranked[k] for k in keys] == [forward[k] for k in keys]
+
+
 @pytest.mark.parametrize("body, code", [
     (b"{not json", "invalid_json"),
     (b"\xff\xfe{}", "invalid_json"),

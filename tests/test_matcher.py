@@ -16,6 +16,10 @@ from conftest import DATA
 MACRO_F1_FLOOR = 0.60  # tests/data/address_pairs.tsv
 CONTRAST_ACCURACY_FLOOR = 0.90  # tests/data/contrast_pairs.tsv, all pairs
 CONTRAST_KIND_FLOOR = 0.75  # and each kind of change
+# The numbers inside an address (issue 35: 1号 is not 11号, another room or floor is another part of one
+# place), in the set since 2026-12-06; the shipped model was trained before these kinds and does not tell
+# them apart yet (MODEL_CARD.md), so they are held to the floors once a model trained on them ships.
+NOT_YET_LEARNT = ("house_digits", "other_room", "other_floor", "other_building", "other_unit")
 # The README's examples, answered as a person would.
 README_EXAMPLES = [
     (("北京市朝阳区建国路88号", "北京市海淀区建国路88号"), "not_match"),  # two districts, two places
@@ -110,10 +114,20 @@ def test_default_model_meets_its_floor_on_the_project_test_set(default_matcher):
 def test_default_model_meets_its_floors_on_the_contrast_set(default_matcher):
     pairs = read_pairs(f"{DATA}/contrast_pairs.tsv")
     report = evaluate(default_matcher, pairs)
-    assert report["pairs"] >= 150 and len(report["by_kind"]) == 10
-    assert report["accuracy"] >= CONTRAST_ACCURACY_FLOOR, report["by_kind"]
-    for kind, figures in report["by_kind"].items():
-        assert figures["accuracy"] >= CONTRAST_KIND_FLOOR, (kind, report["by_kind"])
+    assert report["pairs"] >= 280 and len(report["by_kind"]) == 16 and set(NOT_YET_LEARNT) <= set(report["by_kind"])
+    held = {kind: figures for kind, figures in report["by_kind"].items() if kind not in NOT_YET_LEARNT}
+    right = sum(figures["accuracy"] * figures["pairs"] for figures in held.values())
+    assert right / sum(figures["pairs"] for figures in held.values()) >= CONTRAST_ACCURACY_FLOOR, held
+    for kind, figures in held.items():
+        assert figures["accuracy"] >= CONTRAST_KIND_FLOOR, (kind, held)
+
+
+def test_the_default_model_answers_the_same_whichever_address_comes_first(default_matcher):
+    pairs = [(p.address1, p.address2) for name in ("address_pairs.tsv", "contrast_pairs.tsv")
+             for p in read_pairs(f"{DATA}/{name}")]
+    assert default_matcher.pair_order == "canonical"  # config.json's mgeo_pair_order
+    swapped = default_matcher.predict([(b, a) for a, b in pairs])
+    assert [p.as_dict() for p in default_matcher.predict(pairs)] == [p.as_dict() for p in swapped]
 
 
 @pytest.mark.parametrize("pair, label", README_EXAMPLES)
