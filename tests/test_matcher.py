@@ -16,10 +16,10 @@ from conftest import DATA
 MACRO_F1_FLOOR = 0.60  # tests/data/address_pairs.tsv
 CONTRAST_ACCURACY_FLOOR = 0.90  # tests/data/contrast_pairs.tsv, all pairs
 CONTRAST_KIND_FLOOR = 0.75  # and each kind of change
-# The numbers inside an address (issue 35: 1号 is not 11号, another room or floor is another part of one
-# place), in the set since 2026-12-06; the shipped model was trained before these kinds and does not tell
-# them apart yet (MODEL_CARD.md), so they are held to the floors once a model trained on them ships.
-NOT_YET_LEARNT = ("house_digits", "other_room", "other_floor", "other_building", "other_unit")
+# The numbers inside an address (issue 35: another room or floor is another part of one place, 1号 is not
+# 11号): a digit added to a house number is the one kind the shipped model has not learnt yet (0.72 here, 0.55
+# on the generator's held-out set: MODEL_CARD.md), so it is held to the floor once a model that has ships.
+NOT_YET_LEARNT = ("house_digits",)
 # The README's examples, answered as a person would.
 README_EXAMPLES = [
     (("北京市朝阳区建国路88号", "北京市海淀区建国路88号"), "not_match"),  # two districts, two places
