@@ -153,7 +153,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--layers", type=int, default=4)
     train.add_argument("--epochs", type=int, default=4,
                        help="passes over the training pairs (the student reads each pair once per pass, in canonical "
-                            "order; make train-teacher passes 4)")
+                            "order; the teacher both ways)")
     train.add_argument("--steps", type=int, default=2000, help="pretrain: this many batches of masked text")
     train.add_argument("--init", default=None,
                        help="student: start from this --stage pretrain output instead of e5's layers")
