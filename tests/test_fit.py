@@ -42,6 +42,11 @@ def test_a_pair_the_teacher_never_scored_keeps_its_label_only():
     assert losses[2].item() == pytest.approx(ce(2, 2), rel=1e-5)  # never scored: its label, at full weight
     assert all(math.isfinite(x) for x in losses.tolist())
 
+    # --undistilled-weight scales the never-scored pair's loss only
+    weighted = example_losses(logits, labels, soft, weights, alpha, temperature, undistilled_weight=0.3)
+    assert weighted[:2].tolist() == losses[:2].tolist()
+    assert weighted[2].item() == pytest.approx(0.3 * ce(2, 2), rel=1e-5)
+
 
 @pytest.mark.parametrize("order, read", [("given", [("甲", "乙"), ("丙", "丁")]),
                                          ("both", [("甲", "乙"), ("丙", "丁"), ("乙", "甲"), ("丁", "丙")]),

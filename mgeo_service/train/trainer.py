@@ -137,7 +137,7 @@ def pretrain_student(data: TrainingData, out_dir: str, *, layers: int, steps: in
 
 def train_student(data: TrainingData, out_dir: str, *, layers: int, epochs: int, batch_size: int,
                   learning_rate: float, max_length: int, seed: int, alpha: float, temperature: float,
-                  data_dir: str, soft_labels: str = DISTILLATION_DIR, threads: int | None = None,
+                  undistilled_weight: float, data_dir: str, soft_labels: str = DISTILLATION_DIR, threads: int | None = None,
                   e5_file: str | None = None, init: str | None = None, device: str = "cpu",
                   resume: str | None = None) -> dict:
     started = time.time()
@@ -156,8 +156,8 @@ def train_student(data: TrainingData, out_dir: str, *, layers: int, epochs: int,
     val_set = encode(encode_pairs, validation, PAIR_ORDER)
     val_labels = [p.label for p in validation]
     result = fit(model, train_set, val_set, val_labels, epochs=epochs, batch_size=batch_size,
-                 learning_rate=learning_rate, seed=seed, alpha=alpha, temperature=temperature, device=device,
-                 name="student", resume=resume)
+                 learning_rate=learning_rate, seed=seed, alpha=alpha, temperature=temperature,
+                 undistilled_weight=undistilled_weight, device=device, name="student", resume=resume)
 
     best = result["history"][result["best_epoch"] - 1]["validation_macro_f1"]
     model.cpu()
@@ -179,7 +179,7 @@ def train_student(data: TrainingData, out_dir: str, *, layers: int, epochs: int,
     summary = {
         "seed": seed, "layers": layers, "epochs": epochs, "batch_size": batch_size,
         "learning_rate": learning_rate, "max_length": max_length, "alpha": alpha, "temperature": temperature,
-        "pair_order": PAIR_ORDER, "init": _pretraining_record(init),
+        "undistilled_weight": undistilled_weight, "pair_order": PAIR_ORDER, "init": _pretraining_record(init),
         "data": data.sizes(), "vocab_size": len(vocab), "parameters": sum(p.numel() for p in model.parameters()),
         **result, "output_bias": bias, "validation_macro_f1": calibrated,
         "contrast_validation_accuracy": round(sum(contrast_right) / max(1, len(contrast)), 4),
