@@ -81,12 +81,12 @@ def logits_of(model, examples, device="cpu", batch_size: int = 128) -> torch.Ten
     out = torch.zeros((len(examples), len(LABELS)))
     for index in batches(examples, batch_size, None):
         ids, types, mask, _, _ = collate(examples, index, device)
-        with _autocast(device):
+        with autocast(device):
             out[index] = model(input_ids=ids, token_type_ids=types, attention_mask=mask).logits.float().cpu()
     return out
 
 
-def _autocast(device):
+def autocast(device):
     """bf16 on a GPU and on a CPU with AMX (1.7x fp32's training steps on a 2-core Xeon); elsewhere fp32,
     since a CPU without AMX runs bf16 slower than fp32."""
     kind = torch.device(device).type
@@ -170,7 +170,7 @@ def fit(model, train_set, val_set, val_labels: list[int], *, epochs: int, batch_
                            initial=skip)
         for step, index in enumerate(order[skip:], start=skip + 1):
             ids, types, mask, labels, soft = collate(train_set, index, device)
-            with _autocast(device):
+            with autocast(device):
                 logits = model(input_ids=ids, token_type_ids=types, attention_mask=mask).logits.float()
             loss = example_losses(logits, labels, soft, weights, alpha, temperature, undistilled_weight).mean()
             optimiser.zero_grad()

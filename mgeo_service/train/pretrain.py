@@ -31,7 +31,7 @@ from safetensors.torch import load_file, save_file
 from ..dataset import read_pairs
 from ..progress import progress_bar
 from .data import SHENZHEN_FILE, TrainingData, company_addresses, split_bucket
-from .fit import batches
+from .fit import autocast, batches
 
 log = logging.getLogger(__name__)
 
@@ -179,7 +179,8 @@ def pretrain(data: TrainingData, data_dir: str, out_dir: str, tokenizer, student
     step, running = 0, 0.0
     while step < steps:
         for ids, types, mask, targets in source.epoch():
-            loss, _ = masked_loss(model, ids, types, mask, targets)
+            with autocast("cpu"):
+                loss, _ = masked_loss(model, ids, types, mask, targets)
             optimiser.zero_grad()
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
