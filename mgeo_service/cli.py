@@ -151,7 +151,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--splits", default="run/splits", help="where the data splits are written")
     train.add_argument("--device", default="cpu", help="where to train: cpu or cuda")
     train.add_argument("--layers", type=int, default=4)
-    train.add_argument("--epochs", type=int, default=4,
+    train.add_argument("--epochs", type=int, default=8,
                        help="passes over the training pairs (the student reads each pair once per pass, in canonical "
                             "order; the teacher both ways)")
     train.add_argument("--steps", type=int, default=2000, help="pretrain: this many batches of masked text")
