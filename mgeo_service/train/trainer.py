@@ -137,9 +137,9 @@ def pretrain_student(data: TrainingData, out_dir: str, *, layers: int, steps: in
 
 def train_student(data: TrainingData, out_dir: str, *, layers: int, epochs: int, batch_size: int,
                   learning_rate: float, max_length: int, seed: int, alpha: float, temperature: float,
-                  undistilled_weight: float, data_dir: str, soft_labels: str = DISTILLATION_DIR, threads: int | None = None,
-                  e5_file: str | None = None, init: str | None = None, device: str = "cpu",
-                  resume: str | None = None) -> dict:
+                  undistilled_weight: float, data_dir: str, soft_labels: str = DISTILLATION_DIR,
+                  threads: int | None = None, e5_file: str | None = None, init: str | None = None,
+                  device: str = "cpu", resume: str | None = None) -> dict:
     started = time.time()
     vocab, tokenizer, model = seeded_student(data, data_dir, out_dir, layers, seed, threads, e5_file,
                                              pretrained_vocab(init) if init else None)
