@@ -4,7 +4,7 @@ import os
 import pytest
 import torch
 
-from mgeo_service.checkpoint import LABELS, CheckpointError
+from mgeo_service.checkpoint import LABELS, CheckpointError, canonical_order
 from mgeo_service.dataset import read_pairs
 from mgeo_service.evaluation import evaluate
 from mgeo_service.matcher import DEFAULT_MODEL_DIR, Matcher, length_sorted_chunks
@@ -82,6 +82,22 @@ def test_long_addresses_are_truncated_to_max_length(default_matcher):
     assert len(ids) == default_matcher.max_length == 128
     assert 1 in types  # the second address keeps its share
     assert default_matcher.predict([(long_address, "北京")])[0].label in LABELS
+
+
+def test_the_direct_tokenizer_gives_the_wrappers_ids(default_matcher):
+    """``Matcher.encode`` calls the Rust tokenizer itself (``pair_tokenizer``): the same ids, types and
+    truncation as the transformers tokenizer it was made from, long pairs, full-width and odd text included."""
+    pairs = [(p.address1, p.address2) for p in read_pairs(f"{DATA}/contrast_pairs.tsv")]
+    pairs += [("北京市海淀区中关村大街" * 30, "上海" * 90), ("ＡＢＣ１２３　大街", "abc123 大街"), ("a" * 300, "北")]
+    ordered = [canonical_order(a, b) if default_matcher.pair_order == "canonical" else (a, b) for a, b in pairs]
+    wrapped = default_matcher.tokenizer([a for a, _ in ordered], [b for _, b in ordered], truncation="longest_first",
+                                        max_length=default_matcher.max_length, return_token_type_ids=True)
+    assert default_matcher.encode(pairs) == list(zip(wrapped["input_ids"], wrapped["token_type_ids"]))
+
+
+def test_a_prediction_takes_the_first_of_equal_maxima(default_matcher):
+    assert default_matcher.prediction(torch.tensor([0.4, 0.4, 0.2])).label == default_matcher.labels[0]
+    assert default_matcher.prediction(torch.tensor([0.2, 0.4, 0.4])).label == default_matcher.labels[1]
 
 
 def test_cuda_needs_a_gpu():
