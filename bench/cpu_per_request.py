@@ -1,11 +1,11 @@
 """CPU time per request, by process and thread, under the single-pair load:
 `python bench/cpu_per_request.py [--seconds N] [--connections N]` with MGEO_* settings from the environment.
 
-Starts `mgeo-service serve` (127.0.0.1), warms it up, then reads every thread's user + system time from
-/proc around one wrk run. A worker's busiest threads are its batching threads (the forwards and the Python
-around them); the rest is the main thread and the request threads (HTTP, Flask, tokenising, JSON). Where the
-sum over the worker's threads times requests/s stays under the cores, the worker is not CPU-bound: the GIL or
-the closed loop's latency is the limit (BENCHMARKS.md, issue 38).
+Starts `mgeo-service serve` (127.0.0.1), warms it up, then reads every thread's user + system time and
+voluntary context switches from /proc around one wrk run. A worker's busiest threads are its batching
+threads (the forwards and the Python around them); the rest is the main thread and the request threads
+(HTTP, Flask, tokenising, JSON). Where the sum over the worker's threads times requests/s stays under the
+cores, the worker is not CPU-bound: the GIL or the closed loop's latency is the limit (BENCHMARKS.md, issue 38).
 """
 from __future__ import annotations
 
@@ -38,6 +38,18 @@ def thread_seconds(pid: int) -> dict[int, float]:
     return seconds
 
 
+def context_switches(pid: int) -> int:
+    """The voluntary context switches of every thread so far: each is a thread that blocked, on I/O or on the GIL."""
+    switches = 0
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        try:
+            with open(f"/proc/{pid}/task/{tid}/status", encoding="utf-8") as f:
+                switches += sum(int(line.split()[1]) for line in f if line.startswith("voluntary_ctxt_switches"))
+        except OSError:  # the thread ended
+            continue
+    return switches
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--seconds", type=int, default=10)
@@ -48,8 +60,10 @@ def main() -> None:
         wrk(url + "/predict", 3, args.connections).communicate(timeout=60)  # warm-up
         workers = worker_pids(process.process.pid)
         before = {pid: thread_seconds(pid) for pid in workers}
+        switches = {pid: context_switches(pid) for pid in workers}
         result = wrk_result(wrk(url + "/predict", args.seconds, args.connections))
         after = {pid: thread_seconds(pid) for pid in workers}
+        switches = {pid: context_switches(pid) - switches[pid] for pid in workers}
     finally:
         process.stop()
     requests = result["requests"]
@@ -59,6 +73,7 @@ def main() -> None:
         report["workers"][pid] = {
             "cpu_ms_per_request": round(1000 * sum(spent) / requests, 2),
             "busiest_threads_ms_per_request": [round(1000 * s / requests, 2) for s in spent[:4]],
+            "voluntary_context_switches_per_request": round(switches[pid] / requests, 1),
             "threads": len(spent)}
     report["cores_busy"] = round(sum(w["cpu_ms_per_request"] for w in report["workers"].values())
                                  * result["requests_per_second"] / 1000, 2)
