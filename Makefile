@@ -83,8 +83,8 @@ $(PRETRAINED)/encoder.safetensors: $(STAMP)
 pretrain: $(PRETRAINED)/encoder.safetensors
 
 # The student stage: the default model, from the pretrained encoder and the committed teacher soft labels,
-# 8 epochs over the pairs in canonical order (the shipped run: 68 minutes on one core of a Xeon with AMX, in
-# bf16, beside another candidate; 4 epochs took 54 minutes in float32 on an AVX2 EPYC's 2 cores). Progress
+# 8 epochs over the pairs in canonical order (the shipped run: 44 minutes on the 2 cores of a Xeon with AMX,
+# in bf16; 4 epochs of an earlier recipe took 54 minutes in float32 on an AVX2 EPYC's 2 cores). Progress
 # is saved after each epoch and every 200 batches, so `make train` run again after an interruption goes on
 # where it stopped.
 # It ends with the ONNX export the model ships (float32 and int8, in seconds).

@@ -77,10 +77,11 @@ def test_each_kind_takes_its_share(gazetteer):
     towns = {"北京市朝阳区": "建外街道", "吉林省长春市朝阳区": "桂林街道"}
     addresses = [f"{place}{street}{road}{n}号" for place, town in towns.items()
                  for street in ("", town) for road in roads for n in range(1, 6)]
-    pairs = ContrastGenerator(gazetteer, addresses, seed=5).pairs(len(KINDS) * 10 + 10)
+    pairs = ContrastGenerator(gazetteer, addresses, seed=5).pairs(10 * sum(SHARES.values()))
     counts = Counter(p.kind for p in pairs)
     assert counts == {kind: 10 * SHARES[kind] for kind in KINDS}
     assert counts["same_name_other_city"] == 2 * counts["other_district"]  # drawn twice as often
+    assert counts["house_digits"] == 3 * counts["other_district"]  # and three times
 
 
 @pytest.mark.parametrize("number, text", [(1, "一"), (10, "十"), (12, "十二"), (20, "二十"), (88, "八十八"),
