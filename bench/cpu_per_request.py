@@ -25,29 +25,31 @@ from bench.run import serve, wrk, wrk_result  # noqa: E402
 TICKS = os.sysconf("SC_CLK_TCK")
 
 
+def thread_files(pid: int, name: str) -> dict[int, str]:
+    """Each live thread's /proc/PID/task/TID/``name``, by thread id."""
+    texts = {}
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        try:
+            with open(f"/proc/{pid}/task/{tid}/{name}", encoding="utf-8") as f:
+                texts[int(tid)] = f.read()
+        except OSError:  # the thread ended
+            continue
+    return texts
+
+
 def thread_seconds(pid: int) -> dict[int, float]:
     """Each thread's user + system CPU seconds so far."""
     seconds = {}
-    for tid in os.listdir(f"/proc/{pid}/task"):
-        try:
-            with open(f"/proc/{pid}/task/{tid}/stat", encoding="utf-8") as f:
-                fields = f.read().rpartition(")")[2].split()
-        except OSError:  # the thread ended
-            continue
-        seconds[int(tid)] = (int(fields[11]) + int(fields[12])) / TICKS
+    for tid, stat in thread_files(pid, "stat").items():
+        fields = stat.rpartition(")")[2].split()
+        seconds[tid] = (int(fields[11]) + int(fields[12])) / TICKS
     return seconds
 
 
 def context_switches(pid: int) -> int:
     """The voluntary context switches of every thread so far: each is a thread that blocked, on I/O or on the GIL."""
-    switches = 0
-    for tid in os.listdir(f"/proc/{pid}/task"):
-        try:
-            with open(f"/proc/{pid}/task/{tid}/status", encoding="utf-8") as f:
-                switches += sum(int(line.split()[1]) for line in f if line.startswith("voluntary_ctxt_switches"))
-        except OSError:  # the thread ended
-            continue
-    return switches
+    return sum(int(line.split()[1]) for status in thread_files(pid, "status").values()
+               for line in status.splitlines() if line.startswith("voluntary_ctxt_switches"))
 
 
 def main() -> None:
