@@ -34,10 +34,12 @@ INT8_NOT_FASTER = "int8_not_faster_here"
 # int8 changes answers a little (validation macro-F1 -0.002, 0.7% of labels): served only where it is clearly
 # faster. On a 2-core AVX2 CPU it measured 0.9-1.05x float32: a coin toss per start without the margin.
 INT8_MIN_SPEEDUP = 1.1
-# A run's padded area may pass its real tokens by this factor. Measured, one thread, arrival-order batches of
-# 32 real pairs (pairs/s): 1.0: 54-57, 1.05: 55-56, 1.1: 54, 1.25: 48, 1.5: 40, whole batch: 32; a run
-# costs little beside its tokens, so groups may be small.
-RUN_PADDING = 1.1
+# A run's padded area may pass its real tokens by this factor, per precision served. Measured, one thread,
+# arrival-order batches of real pairs (pairs/s). float32, an earlier model: 1.0: 54-57, 1.05: 55-56, 1.1: 54,
+# 1.25: 48, 1.5: 40, whole batch: 32; the shipped one (batches of 32): 1.0: 172.6, 1.05: 181.2, 1.1: 180.1.
+# The int8 graph pays for every padded token and little for a run (batches of 32): 1.0: 455.7, 1.05: 421.9,
+# 1.1: 404.8, 1.25: 366 (of 16): only pairs of one length share a run (BENCHMARKS.md, issue 38).
+RUN_PADDING = {"float32": 1.1, "int8": 1.0}
 
 
 def session(path: str, threads: int | None) -> onnxruntime.InferenceSession:
@@ -97,6 +99,6 @@ class OnnxRuntimeEngine:
 
     def probabilities(self, encoded: Sequence[Encoded]) -> torch.Tensor:
         rows = np.empty((len(encoded), self._labels), np.float32)
-        for group in length_groups([len(ids) for ids, _ in encoded], RUN_PADDING):
+        for group in length_groups([len(ids) for ids, _ in encoded], RUN_PADDING[self.precision]):
             rows[group] = self._session.run(None, padded([encoded[i] for i in group]))[0]
         return torch.from_numpy(rows)
