@@ -167,7 +167,7 @@ if side_by_side:
     rows = [None] * len(encoded)
     def run(mine):
         for chunk in mine:
-            for i, row in zip(chunk, matcher.forward([encoded[i] for i in chunk])):
+            for i, row in zip(chunk, matcher.forward([encoded[i] for i in chunk]).tolist()):
                 rows[i] = row
     threads = [threading.Thread(target=run, args=(chunks[n::cores],)) for n in range(cores)]
     for t in threads:

@@ -117,7 +117,7 @@ class _Job:
     enqueued_ns: int = field(default_factory=time.time_ns)  # the same moment, as spans keep time
     state: str = QUEUED
     done: threading.Event = field(default_factory=threading.Event)
-    probabilities: torch.Tensor | None = None
+    probabilities: list[list[float]] | None = None
     error: Exception | None = None
 
     @cached_property  # read when the batch is collected and again at its forward
@@ -147,8 +147,8 @@ class MicroBatcher:
             threading.Thread(target=self._run, name=f"micro-batcher-{number}", daemon=True).start()
 
     def submit(self, pairs: int, encode: Callable[[], Sequence[Encoded]], deadline: float,
-               client: ClientWatch | None = None) -> torch.Tensor:
-        """Probabilities, one row per pair, once their forward ran; ``encode()`` (the tokenising) runs
+               client: ClientWatch | None = None) -> list[list[float]]:
+        """Probabilities, one row of floats per pair, once their forward ran; ``encode()`` (the tokenising) runs
         only once the request is admitted. ``deadline`` is a ``time.perf_counter()`` value.
 
         Raises ``Rejected`` (overloaded, deadline_exceeded, client_gone) or ``InferenceError``."""
@@ -283,9 +283,9 @@ class MicroBatcher:
                 return
             self._fail(jobs[0], exc)
             return
-        start = 0
+        rows, start = results.tolist(), 0  # plain floats from here on: one conversion, not a torch call per row
         for job in jobs:
-            job.probabilities = results[start:start + len(job.encoded)]
+            job.probabilities = rows[start:start + len(job.encoded)]
             start += len(job.encoded)
             job.done.set()
 

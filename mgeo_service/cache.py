@@ -13,8 +13,6 @@ import threading
 from collections import OrderedDict
 from typing import Hashable, Sequence
 
-import torch
-
 from . import metrics
 
 
@@ -28,13 +26,13 @@ class ResultCache:
     def __init__(self, size: int, instrument: bool = True):
         self._size = size
         self._instrument = instrument
-        self._rows: OrderedDict[Hashable, torch.Tensor] = OrderedDict()
+        self._rows: OrderedDict[Hashable, tuple[float, ...]] = OrderedDict()
         self._lock = threading.Lock()
 
     def __len__(self) -> int:
         return len(self._rows)
 
-    def lookup(self, keys: Sequence[Hashable]) -> list[torch.Tensor | None]:
+    def lookup(self, keys: Sequence[Hashable]) -> list[tuple[float, ...] | None]:
         """The cached probabilities of each key, None where it has none."""
         if not self._size:
             return [None] * len(keys)
@@ -54,12 +52,12 @@ class ResultCache:
         with self._lock:
             return all(key in self._rows for key in keys)
 
-    def store(self, keys: Sequence[Hashable], rows: torch.Tensor) -> None:
+    def store(self, keys: Sequence[Hashable], rows: Sequence[Sequence[float]]) -> None:
         if not self._size:
             return
         with self._lock:
             for key, row in zip(keys, rows):
-                self._rows[key] = row.clone()  # not a view: it would keep the whole batch alive
+                self._rows[key] = tuple(row)  # a copy the caller cannot change
                 self._rows.move_to_end(key)
             while len(self._rows) > self._size:
                 self._rows.popitem(last=False)

@@ -158,15 +158,15 @@ class Matcher:
             return []
         probabilities = forward_in_chunks(self.forward, self.encode(pairs), self.batch_size, on_forward,
                                           max_tokens=self.batch_tokens)
-        return [self.prediction(p) for p in probabilities]
+        return [self.prediction(row) for row in probabilities.tolist()]
 
     def forward(self, encoded: Sequence[Encoded]) -> torch.Tensor:
         """Probabilities [n, labels] for already-encoded pairs: one forward of the engine."""
         return self.engine.probabilities(encoded)
 
-    def prediction(self, probs: torch.Tensor) -> Prediction:
-        """The label, scores and similarity of one row of ``forward``'s probabilities."""
-        row = probs.tolist()  # one conversion: a tensor's elements, read one by one, cost microseconds each
+    def prediction(self, row: Sequence[float]) -> Prediction:
+        """The label, scores and similarity of one row of ``forward``'s probabilities, as floats (``tolist()``:
+        a tensor's elements, read one by one, cost microseconds each)."""
         scores = {label: round(p, 6) for label, p in zip(self.labels, row)}
         label = self.labels[row.index(max(row))]  # the first of equal maxima, as torch.argmax
         similarity = scores.get("exact_match", 0.0) + 0.5 * scores.get("partial_match", 0.0)

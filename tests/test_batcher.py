@@ -38,7 +38,7 @@ def test_batching_threads_run_forwards_side_by_side_from_one_queue():
     for thread in clients:
         thread.join(60)
     assert not both_in_a_forward.broken
-    assert {length: answer[0, 0].item() for length, answer in answers.items()} == {3: 3.0, 5: 5.0}
+    assert {length: answer[0][0] for length, answer in answers.items()} == {3: 3.0, 5: 5.0}
 
 
 def test_a_forward_holds_at_most_the_token_budget_and_stops_collecting_at_it():
@@ -52,7 +52,7 @@ def test_a_forward_holds_at_most_the_token_budget_and_stops_collecting_at_it():
     batcher = MicroBatcher(forward, max_pairs=64, wait_seconds=HOUR, instrument=False, max_tokens=100)
     answer = submit(batcher, [pair(40), pair(30), pair(50), pair(20)])
     assert sorted(sizes) == [[20, 30, 40], [50]]  # length-sorted, 90 tokens, then what did not fit
-    assert answer[:, 0].tolist() == [40.0, 30.0, 50.0, 20.0]  # each pair its own row, in order
+    assert [row[0] for row in answer] == [40.0, 30.0, 50.0, 20.0]  # each pair its own row, in order
 
 
 def test_one_batching_thread_runs_one_forward_at_a_time():
@@ -108,7 +108,7 @@ def test_a_job_whose_deadline_passes_while_queued_never_reaches_the_forward():
     assert refused.value.reason == "deadline_exceeded" and not forward.release.is_set()
     forward.release.set()
     busy.join(30)
-    assert submit(batcher, [pair(4)]).shape == (1, 3)  # the thread serves on
+    assert submit(batcher, [pair(4)]) == [[0.0, 0.0, 0.0]]  # the thread serves on
     assert forward.computed == [2, 4]  # the expired pairs (7 tokens) were never computed
 
 
@@ -212,7 +212,7 @@ def test_an_idle_worker_admits_whatever_the_rate_says():
     batcher = MicroBatcher(lambda encoded: torch.zeros((len(encoded), 3)), max_pairs=32, wait_seconds=0,
                            instrument=False)
     batcher.rate.observe(1, 100.0)  # a rate so slow that any wait would refuse
-    assert submit(batcher, [pair()], deadline_seconds=0.5).shape == (1, 3)
+    assert submit(batcher, [pair()], deadline_seconds=0.5) == [[0.0, 0.0, 0.0]]
 
 
 def test_a_worker_that_went_idle_measures_its_rate_afresh():

@@ -96,8 +96,8 @@ def test_the_direct_tokenizer_gives_the_wrappers_ids(default_matcher):
 
 
 def test_a_prediction_takes_the_first_of_equal_maxima(default_matcher):
-    assert default_matcher.prediction(torch.tensor([0.4, 0.4, 0.2])).label == default_matcher.labels[0]
-    assert default_matcher.prediction(torch.tensor([0.2, 0.4, 0.4])).label == default_matcher.labels[1]
+    assert default_matcher.prediction([0.4, 0.4, 0.2]).label == default_matcher.labels[0]
+    assert default_matcher.prediction([0.2, 0.4, 0.4]).label == default_matcher.labels[1]
 
 
 def test_cuda_needs_a_gpu():
