@@ -35,10 +35,10 @@ INT8_NOT_FASTER = "int8_not_faster_here"
 # faster. On a 2-core AVX2 CPU it measured 0.9-1.05x float32: a coin toss per start without the margin.
 INT8_MIN_SPEEDUP = 1.1
 # A run's padded area may pass its real tokens by this factor, per precision served. Measured, one thread,
-# arrival-order batches of real pairs (pairs/s). float32, an earlier model: 1.0: 54-57, 1.05: 55-56, 1.1: 54,
-# 1.25: 48, 1.5: 40, whole batch: 32; the shipped one (batches of 32): 1.0: 172.6, 1.05: 181.2, 1.1: 180.1.
-# The int8 graph pays for every padded token and little for a run (batches of 32): 1.0: 455.7, 1.05: 421.9,
-# 1.1: 404.8, 1.25: 366 (of 16): only pairs of one length share a run (BENCHMARKS.md, issue 38).
+# arrival-order batches of 32 real pairs (pairs/s; bench/run_padding.py). float32: 1.0: 152.4, 1.05: 164.9,
+# 1.1: 166.1, 1.25: 147.8 (an earlier model, to a whole batch: 54-57, 55-56, 54, 48, 1.5: 40, whole: 32).
+# The int8 graph pays for every padded token and little for a run: 1.0: 405.5, 1.05: 375.5, 1.1: 362.2,
+# 1.25: 306.8, so only pairs of one length share a run.
 RUN_PADDING = {"float32": 1.1, "int8": 1.0}
 
 
