@@ -61,6 +61,14 @@ def default_model_with(tmp_path, name: str, graph: str) -> str:
     return copy
 
 
+def int8_served(shipped_files, folder) -> Matcher:
+    """The default model with int8 served (its float32 graph made slow), one thread."""
+    matcher = Matcher(default_model_with(folder, FLOAT_FILE, slowed(shipped_files[0], folder)), device="cpu",
+                      int8=True, threads=1)
+    assert (matcher.precision, matcher.note) == ("int8", "")
+    return matcher
+
+
 def each_alone(graph, encoded) -> torch.Tensor:
     """The graph's probabilities for each encoded pair, run by itself."""
     return torch.cat([torch.from_numpy(graph.run(None, padded([pair]))[0]) for pair in encoded])
@@ -139,14 +147,6 @@ class CountedRuns:
     def run(self, outputs, feeds):
         self.shapes.append(feeds["input_ids"].shape)
         return self.graph.run(outputs, feeds)
-
-
-def int8_served(shipped_files, folder) -> Matcher:
-    """The default model with int8 served (its float32 graph made slow), one thread."""
-    matcher = Matcher(default_model_with(folder, FLOAT_FILE, slowed(shipped_files[0], folder)), device="cpu",
-                      int8=True, threads=1)
-    assert (matcher.precision, matcher.note) == ("int8", "")
-    return matcher
 
 
 @pytest.mark.parametrize("precision", ["float32", "int8"])

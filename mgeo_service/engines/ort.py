@@ -36,7 +36,7 @@ INT8_NOT_FASTER = "int8_not_faster_here"
 INT8_MIN_SPEEDUP = 1.1
 # A run's padded area may pass its real tokens by this factor, per precision served. Measured, one thread,
 # arrival-order batches of 32 real pairs (pairs/s; bench/run_padding.py). float32: 1.0: 152.4, 1.05: 164.9,
-# 1.1: 166.1, 1.25: 147.8 (an earlier model, to a whole batch: 54-57, 55-56, 54, 48, 1.5: 40, whole: 32).
+# 1.1: 166.1, 1.25: 147.8 (an earlier model at 1.0 to 1.25, 1.5 and one padded batch: 54-57, 55-56, 54, 48, 40, 32).
 # The int8 graph pays for every padded token and little for a run: 1.0: 405.5, 1.05: 375.5, 1.1: 362.2,
 # 1.25: 306.8, so only pairs of one length share a run.
 RUN_PADDING = {"float32": 1.1, "int8": 1.0}
